@@ -1,0 +1,7 @@
+/* hello: prints "hello from bulwark\n" and exits 0. */
+#include <stdio.h>
+
+int main(void) {
+    fputs("hello from bulwark\n", stdout);
+    return 0;
+}

@@ -1,0 +1,375 @@
+//! The node configuration: what the cluster admin allows (`/etc/bulwark/config.toml`).
+//!
+//! ```toml
+//! [defaults]            # what a pod gets when it asks for nothing; unset = no limit
+//! memory = "256Mi"
+//! [ceilings]            # the most a pod may ask for; unset = no ceiling
+//! fuel = 100000000000
+//! timeout = "1h"
+//! memory = "1Gi"
+//! [capabilities]
+//! allow_native = false
+//! allow_network = false
+//! ```
+//!
+//! A missing file means no defaults and no ceilings; a malformed one is an error, never
+//! ignored, and so is a default above its ceiling.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::units::{self, format_duration, format_memory};
+
+/// Where the shim and the CLI look for the node configuration unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulwark/config.toml";
+
+/// The three numeric limits, as used for both `[defaults]` and `[ceilings]`.
+/// `None` means unset: no default, or no ceiling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Wasmtime fuel units for one run.
+    pub fuel: Option<u64>,
+    /// Wall-clock deadline for one run.
+    pub timeout: Option<Duration>,
+    /// Bytes of linear memory (and tables) one instance may hold.
+    pub memory: Option<u64>,
+}
+
+/// Switches for what pods may do beyond running Wasm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Run native (ELF) containers other than the pod sandbox, e.g. sidecars.
+    pub allow_native: bool,
+    /// Let pods request `bulwark.dev/network` grants at all.
+    pub allow_network: bool,
+}
+
+/// The admin's defaults and ceilings for one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// What a workload gets when it asks for nothing.
+    pub defaults: Limits,
+    /// The most a workload may ask for.
+    pub ceilings: Limits,
+    /// Capabilities beyond plain Wasm compute.
+    pub capabilities: Capabilities,
+}
+
+/// A node configuration that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read node configuration {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has unknown or mistyped keys.
+    #[error("malformed node configuration {origin}: {message}")]
+    Syntax {
+        /// The file (or other origin) it came from.
+        origin: String,
+        /// The TOML parser's explanation, naming the key.
+        message: String,
+    },
+    /// A value has the right type but not the right form (`memory = "lots"`).
+    #[error("malformed node configuration {origin}: {key} = {value:?}: {reason}")]
+    Value {
+        /// The file (or other origin) it came from.
+        origin: String,
+        /// `section.key`.
+        key: String,
+        /// The value as written.
+        value: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// A default asks for more than the ceiling of the same limit allows.
+    #[error(
+        "invalid node configuration {origin}: defaults.{key} = {default} is above ceilings.{key} = {ceiling}"
+    )]
+    DefaultAboveCeiling {
+        /// The file (or other origin) it came from.
+        origin: String,
+        /// The limit (`fuel`, `timeout`, `memory`).
+        key: &'static str,
+        /// The default, as the admin would write it.
+        default: String,
+        /// The ceiling, as the admin would write it.
+        ceiling: String,
+    },
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    defaults: RawLimits,
+    #[serde(default)]
+    ceilings: RawLimits,
+    #[serde(default)]
+    capabilities: RawCapabilities,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    fuel: Option<u64>,
+    timeout: Option<String>,
+    memory: Option<RawQuantity>,
+}
+
+/// Kubernetes lets a quantity be a bare number or a string; so does the node config.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawQuantity {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCapabilities {
+    #[serde(default)]
+    allow_native: bool,
+    #[serde(default)]
+    allow_network: bool,
+}
+
+impl NodeConfig {
+    /// Reads the node configuration at `path`. A missing file is the empty configuration
+    /// (no defaults, no ceilings, no extra capabilities); anything else that goes wrong is
+    /// an error.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => NodeConfig::parse(&text, &path.display().to_string()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                log::info!(
+                    "no node configuration at {}: no defaults, no ceilings",
+                    path.display()
+                );
+                Ok(NodeConfig::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses a node configuration from TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<NodeConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            message: error.message().to_owned()
+                + &error
+                    .span()
+                    .map(|span| describe_position(text, span.start))
+                    .unwrap_or_default(),
+        })?;
+        let config = NodeConfig {
+            defaults: raw.defaults.resolve("defaults", origin)?,
+            ceilings: raw.ceilings.resolve("ceilings", origin)?,
+            capabilities: Capabilities {
+                allow_native: raw.capabilities.allow_native,
+                allow_network: raw.capabilities.allow_network,
+            },
+        };
+        config.check_defaults_within_ceilings(origin)?;
+        Ok(config)
+    }
+
+    fn check_defaults_within_ceilings(&self, origin: &str) -> Result<(), ConfigError> {
+        let above = |key, default: String, ceiling: String| ConfigError::DefaultAboveCeiling {
+            origin: origin.to_owned(),
+            key,
+            default,
+            ceiling,
+        };
+        let (defaults, ceilings) = (&self.defaults, &self.ceilings);
+        if let (Some(default), Some(ceiling)) = (defaults.fuel, ceilings.fuel)
+            && default > ceiling
+        {
+            return Err(above("fuel", default.to_string(), ceiling.to_string()));
+        }
+        if let (Some(default), Some(ceiling)) = (defaults.timeout, ceilings.timeout)
+            && default > ceiling
+        {
+            return Err(above(
+                "timeout",
+                format_duration(default),
+                format_duration(ceiling),
+            ));
+        }
+        if let (Some(default), Some(ceiling)) = (defaults.memory, ceilings.memory)
+            && default > ceiling
+        {
+            return Err(above(
+                "memory",
+                format_memory(default),
+                format_memory(ceiling),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RawLimits {
+    fn resolve(self, section: &str, origin: &str) -> Result<Limits, ConfigError> {
+        let bad = |key: &str, value: &str, reason: String| ConfigError::Value {
+            origin: origin.to_owned(),
+            key: format!("{section}.{key}"),
+            value: value.to_owned(),
+            reason,
+        };
+        let timeout = match self.timeout {
+            Some(text) => Some(
+                units::parse_duration(&text)
+                    .map_err(|error| bad("timeout", &text, error.to_string()))?,
+            ),
+            None => None,
+        };
+        let memory = match self.memory {
+            Some(RawQuantity::Bytes(bytes)) => Some(bytes),
+            Some(RawQuantity::Text(text)) => Some(
+                units::parse_memory(&text)
+                    .map_err(|error| bad("memory", &text, error.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Limits {
+            fuel: self.fuel,
+            timeout,
+            memory,
+        })
+    }
+}
+
+/// ` (line 2: fuel = "many")`: the line names the key even when the parser's message
+/// does not.
+fn describe_position(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let number = text[..offset].matches('\n').count() + 1;
+    let line = text.lines().nth(number - 1).unwrap_or("").trim();
+    format!(" (line {number}: {line})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let config = NodeConfig::parse(
+            r#"
+            # comments are fine
+            [defaults]
+            memory = "256Mi"
+            timeout = "10m"
+            [ceilings]
+            fuel = 100000000000
+            timeout = "1h"
+            memory = "1Gi"
+            [capabilities]
+            allow_native = true
+            allow_network = false
+            "#,
+            "test",
+        )
+        .unwrap();
+        assert_eq!(config.defaults.memory, Some(256 << 20));
+        assert_eq!(config.defaults.timeout, Some(Duration::from_secs(600)));
+        assert_eq!(config.defaults.fuel, None);
+        assert_eq!(config.ceilings.fuel, Some(100_000_000_000));
+        assert_eq!(config.ceilings.memory, Some(1 << 30));
+        assert!(config.capabilities.allow_native);
+        assert!(!config.capabilities.allow_network);
+    }
+
+    #[test]
+    fn empty_config_is_no_limits() {
+        assert_eq!(
+            NodeConfig::parse("", "test").unwrap(),
+            NodeConfig::default()
+        );
+    }
+
+    #[test]
+    fn missing_file_is_no_limits_but_unreadable_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            NodeConfig::load(&dir.path().join("absent.toml")).unwrap(),
+            NodeConfig::default()
+        );
+        // A directory where the file should be cannot be read.
+        let error = NodeConfig::load(dir.path()).unwrap_err();
+        assert!(matches!(error, ConfigError::Read { .. }), "{error}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let error = NodeConfig::parse("[ceilings]\nmemroy = \"1Gi\"\n", "cfg.toml").unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("cfg.toml") && text.contains("memroy"),
+            "{text}"
+        );
+        assert!(NodeConfig::parse("[limits]\n", "t").is_err());
+    }
+
+    #[test]
+    fn malformed_values_name_the_key() {
+        let text = NodeConfig::parse("[defaults]\nmemory = \"lots\"\n", "cfg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("defaults.memory") && text.contains("lots"),
+            "{text}"
+        );
+        let text = NodeConfig::parse("[ceilings]\ntimeout = \"forever\"\n", "cfg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("ceilings.timeout") && text.contains("forever"),
+            "{text}"
+        );
+        let text = NodeConfig::parse("[ceilings]\nfuel = \"many\"\n", "cfg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("fuel"), "{text}");
+        assert!(NodeConfig::parse("[ceilings]\nfuel = -1\n", "t").is_err());
+        assert!(NodeConfig::parse("not toml at all [", "t").is_err());
+    }
+
+    #[test]
+    fn default_above_ceiling_is_an_error() {
+        let text = NodeConfig::parse(
+            "[defaults]\nmemory = \"2Gi\"\n[ceilings]\nmemory = \"1Gi\"\n",
+            "cfg.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.contains("defaults.memory = 2Gi") && text.contains("ceilings.memory = 1Gi"),
+            "{text}"
+        );
+        assert!(NodeConfig::parse("[defaults]\nfuel = 2\n[ceilings]\nfuel = 1\n", "t").is_err());
+        assert!(
+            NodeConfig::parse(
+                "[defaults]\ntimeout = \"2h\"\n[ceilings]\ntimeout = \"1h\"\n",
+                "t"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn memory_may_be_a_bare_number() {
+        let config = NodeConfig::parse("[ceilings]\nmemory = 1048576\n", "t").unwrap();
+        assert_eq!(config.ceilings.memory, Some(1 << 20));
+    }
+}

@@ -1,0 +1,193 @@
+//! Wasmtime engine setup: one engine per *flavor* (which limits are compiled into the
+//! code), so that a limit nobody asked for costs nothing at run time.
+//!
+//! Fuel metering and epoch interruption change the machine code Cranelift emits; a
+//! workload that asks for neither runs code with neither. The flavor is part of the
+//! engine's compatibility fingerprint, so precompiled artifacts never mix flavors.
+
+use std::hash::Hasher;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// Most table elements one instance may hold, whatever its memory limit: at a pointer
+/// each, 8 MiB of host memory. Far above what compilers emit for function tables, far
+/// below what would hurt a node.
+pub const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+/// Which limits are compiled into the code of an engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flavor {
+    /// Fuel metering (`bulwark.dev/fuel`).
+    pub fuel: bool,
+    /// Epoch interruption checks (an in-engine deadline).
+    pub epoch: bool,
+}
+
+impl Flavor {
+    /// No limits compiled in: the speed of unmetered Wasmtime.
+    pub const PLAIN: Flavor = Flavor {
+        fuel: false,
+        epoch: false,
+    };
+}
+
+/// How instances get their memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// mmap per instance: the right choice where one process runs one instance.
+    OnDemand,
+    /// Wasmtime's pooling allocator with room for this many live instances: the fast path
+    /// where one process instantiates many times.
+    Pooling {
+        /// Live instances (and memories, tables) the pool holds.
+        instances: u32,
+    },
+}
+
+/// The engine could not be configured (a platform without what Wasmtime needs).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the Wasmtime engine: {0}")]
+pub struct EngineError(String);
+
+/// Builds the Wasmtime engine for a flavor and an allocation strategy.
+pub fn build_engine(flavor: Flavor, allocation: Allocation) -> Result<Engine, EngineError> {
+    let mut config = Config::new();
+    config.consume_fuel(flavor.fuel);
+    config.epoch_interruption(flavor.epoch);
+    // Wasm features beyond the stable, widely emitted set widen the attack surface
+    // without serving the workloads Bulwark runs.
+    config.wasm_memory64(false);
+    config.wasm_component_model(true);
+    if let Allocation::Pooling { instances } = allocation {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_core_instances(instances)
+            .total_memories(instances)
+            .total_tables(instances)
+            .total_component_instances(instances)
+            .max_memories_per_module(1)
+            .max_tables_per_module(1)
+            .table_elements(MAX_TABLE_ELEMENTS);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    Engine::new(&config).map_err(|error| EngineError(format!("{error:#}")))
+}
+
+/// A stable name for everything that decides whether a precompiled artifact can be loaded
+/// into `engine`: the Wasmtime version, its compiler settings and the flavor. Two engines
+/// with the same fingerprint can share artifacts.
+pub fn fingerprint(engine: &Engine) -> String {
+    struct Sha256Hasher(Sha256);
+    impl Hasher for Sha256Hasher {
+        fn finish(&self) -> u64 {
+            unreachable!("only the digest is used")
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.update(bytes);
+        }
+    }
+    let mut hasher = Sha256Hasher(Sha256::new());
+    std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+    hex(&hasher.0.finalize()[..16])
+}
+
+/// What a WebAssembly binary is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WasmKind {
+    /// A core module (WASI preview 1, `_start`).
+    Module,
+    /// A component (WASI preview 2, `wasi:cli/run`).
+    Component,
+}
+
+/// Bytes that are not a WebAssembly binary Bulwark runs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a WebAssembly module or component: {0}")]
+pub struct NotWasm(String);
+
+/// Tells a core module from a component by the binary header, and says what the bytes are
+/// when they are neither, so a user who passed the wrong file knows which file it was.
+pub fn detect_kind(bytes: &[u8]) -> Result<WasmKind, NotWasm> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() >= 8 && &bytes[..4] == MAGIC {
+        return match [bytes[4], bytes[5], bytes[6], bytes[7]] {
+            [1, 0, 0, 0] => Ok(WasmKind::Module),
+            [0x0d, 0, 1, 0] => Ok(WasmKind::Component),
+            version => Err(NotWasm(format!(
+                "unsupported WebAssembly binary version {version:02x?}"
+            ))),
+        };
+    }
+    let what = if bytes.is_empty() {
+        "the file is empty".to_string()
+    } else if bytes.starts_with(b"\x7fELF") {
+        "it is an ELF executable (a native program)".to_string()
+    } else if bytes.starts_with(b"#!") {
+        "it is a script".to_string()
+    } else if bytes.starts_with(b"(module") || bytes.starts_with(b"(component") {
+        "it is WebAssembly text; compile it with wat2wasm first".to_string()
+    } else {
+        let head = &bytes[..bytes.len().min(4)];
+        format!("it starts with bytes {head:02x?}, not \\0asm")
+    };
+    Err(NotWasm(what))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flavors_have_distinct_fingerprints() {
+        let plain = build_engine(Flavor::PLAIN, Allocation::OnDemand).unwrap();
+        let fuel = build_engine(
+            Flavor {
+                fuel: true,
+                epoch: false,
+            },
+            Allocation::OnDemand,
+        )
+        .unwrap();
+        let again = build_engine(Flavor::PLAIN, Allocation::OnDemand).unwrap();
+        assert_ne!(fingerprint(&plain), fingerprint(&fuel));
+        assert_eq!(fingerprint(&plain), fingerprint(&again));
+    }
+
+    #[test]
+    fn pooling_and_on_demand_share_artifacts() {
+        let on_demand = build_engine(Flavor::PLAIN, Allocation::OnDemand).unwrap();
+        let pooling = build_engine(Flavor::PLAIN, Allocation::Pooling { instances: 4 }).unwrap();
+        assert_eq!(fingerprint(&on_demand), fingerprint(&pooling));
+    }
+
+    #[test]
+    fn kinds_are_detected_and_non_wasm_explained() {
+        assert_eq!(detect_kind(b"\0asm\x01\0\0\0"), Ok(WasmKind::Module));
+        assert_eq!(detect_kind(b"\0asm\x0d\0\x01\0"), Ok(WasmKind::Component));
+        let elf = detect_kind(b"\x7fELF\x02\x01\x01").unwrap_err();
+        assert!(elf.to_string().contains("ELF"), "{elf}");
+        assert!(detect_kind(b"").unwrap_err().to_string().contains("empty"));
+        assert!(
+            detect_kind(b"(module)")
+                .unwrap_err()
+                .to_string()
+                .contains("wat2wasm")
+        );
+        assert!(
+            detect_kind(b"\0asm\x02\0\0\0")
+                .unwrap_err()
+                .to_string()
+                .contains("version")
+        );
+        assert!(
+            detect_kind(b"hello")
+                .unwrap_err()
+                .to_string()
+                .contains("68, 65, 6c, 6c")
+        );
+    }
+}

@@ -1,0 +1,806 @@
+//! Running a workload under a [`Policy`]: loading (through the cache), instantiating with
+//! exactly the granted capabilities, enforcing the limits, and turning however the run
+//! ended into an [`Outcome`] with the exit code and reason of the contract.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap, WasmBacktrace};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::sync::CommandPre;
+use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::cache::{CacheError, CacheEvent, ModuleCache, module_digest};
+use crate::engine::{
+    Allocation, EngineError, Flavor, MAX_TABLE_ELEMENTS, NotWasm, WasmKind, build_engine,
+    detect_kind, fingerprint,
+};
+use crate::policy::{Access, DirGrant, Limit, Policy};
+use crate::units::{Bytes, format_duration};
+
+/// Exit code when the fuel budget ran out (128 + SIGXCPU).
+pub const EXIT_FUEL: i32 = 152;
+/// Exit code when the deadline passed (as `timeout(1)`).
+pub const EXIT_DEADLINE: i32 = 124;
+/// Exit code when the guest died of a refused memory (or table) growth (128 + SIGKILL).
+pub const EXIT_MEMORY: i32 = 137;
+/// Exit code for any other trap (128 + SIGABRT).
+pub const EXIT_TRAP: i32 = 134;
+
+/// How epoch ticks are spaced when the deadline is enforced inside the engine.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// How long past the deadline a guest blocked in a host call (a sleep, a read) may take
+/// to notice the epoch before the process is ended from outside.
+const DEADLINE_GRACE: Duration = Duration::from_millis(20);
+
+/// How a deadline is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadlineMode {
+    /// A watchdog thread ends the whole process at the deadline. The guest's code carries
+    /// no checks at all, so a deadline costs nothing while it runs; right wherever one
+    /// process runs one workload (the CLI, the shim's workload process).
+    ProcessWatchdog,
+    /// Epoch interruption: the compiled code checks an epoch counter at loop headers and
+    /// function entries and traps cleanly once it passes. Costs a few percent of speed;
+    /// right where one process hosts many instances. A watchdog still ends the process
+    /// if the guest is blocked in a host call past the deadline.
+    Epoch,
+}
+
+/// How a [`Runtime`] is set up.
+#[derive(Debug)]
+pub struct RuntimeOptions {
+    /// The node's module cache; `None` compiles in memory every time.
+    pub cache: Option<ModuleCache>,
+    /// Instance allocation strategy.
+    pub allocation: Allocation,
+    /// Deadline enforcement.
+    pub deadline: DeadlineMode,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            cache: None,
+            allocation: Allocation::OnDemand,
+            deadline: DeadlineMode::ProcessWatchdog,
+        }
+    }
+}
+
+/// Something that kept a workload from being set up. Limits that fire are not errors:
+/// they are [`Outcome`]s.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The bytes are not WebAssembly.
+    #[error(transparent)]
+    NotWasm(#[from] NotWasm),
+    /// The bytes are WebAssembly but do not validate or compile.
+    #[error("invalid WebAssembly: {0}")]
+    Invalid(String),
+    /// The binary needs something Bulwark does not provide (an import, an entry point).
+    #[error("cannot run it: {0}")]
+    Link(String),
+    /// A granted directory could not be opened.
+    #[error("cannot preopen {path}: {message}")]
+    Preopen {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The engine could not be built.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The module cache failed in a way that is not the module's fault.
+    #[error(transparent)]
+    Cache(CacheError),
+}
+
+/// How a run ended. Limits end a run with a fixed exit code and a one-line reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest returned or called `proc_exit`; its code passes through.
+    Exited(i32),
+    /// The fuel budget ran out.
+    FuelExhausted(Limit<u64>),
+    /// The deadline passed.
+    DeadlineExceeded(Limit<Duration>),
+    /// A memory or table growth was refused and the guest died of it.
+    MemoryLimit {
+        /// The memory limit, if the refusal came from it (tables have a fixed cap too).
+        limit: Option<Limit<u64>>,
+        /// What was refused, in words.
+        refused: String,
+    },
+    /// Any other trap.
+    Trapped(String),
+}
+
+impl Outcome {
+    /// The process exit code of the contract.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Exited(code) => *code,
+            Outcome::FuelExhausted(_) => EXIT_FUEL,
+            Outcome::DeadlineExceeded(_) => EXIT_DEADLINE,
+            Outcome::MemoryLimit { .. } => EXIT_MEMORY,
+            Outcome::Trapped(_) => EXIT_TRAP,
+        }
+    }
+
+    /// The one-line reason for a run a limit or trap ended; `None` when the guest exited.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Outcome::Exited(_) => None,
+            Outcome::FuelExhausted(limit) => Some(format!(
+                "fuel exhausted after {} units ({})",
+                limit.value, limit.source
+            )),
+            Outcome::DeadlineExceeded(limit) => Some(format!(
+                "deadline of {} exceeded ({})",
+                format_duration(limit.value),
+                limit.source
+            )),
+            Outcome::MemoryLimit {
+                limit: Some(limit),
+                refused,
+            } => Some(format!(
+                "memory limit of {} reached ({}): {refused}",
+                Bytes(limit.value),
+                limit.source
+            )),
+            Outcome::MemoryLimit {
+                limit: None,
+                refused,
+            } => Some(format!("memory limit reached: {refused}")),
+            Outcome::Trapped(trap) => Some(format!("trapped: {trap}")),
+        }
+    }
+}
+
+/// Where the reason for a limit goes besides the process's stderr.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Kubernetes' termination-message file (`/dev/termination-log`), when mounted.
+    pub termination_log: Option<PathBuf>,
+}
+
+impl Report {
+    /// Writes `bulwark: <reason>` to stderr and the reason to the termination log.
+    pub fn outcome(&self, outcome: &Outcome) {
+        let Some(reason) = outcome.reason() else {
+            return;
+        };
+        let _ = writeln!(std::io::stderr(), "bulwark: {reason}");
+        if let Some(path) = &self.termination_log
+            && let Err(error) = std::fs::write(path, format!("{reason}\n"))
+        {
+            log::warn!("cannot write termination log {}: {error}", path.display());
+        }
+    }
+}
+
+/// A directory to preopen: where it is on this host and where the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    /// The directory as this process can open it (for a container: inside its rootfs).
+    pub host: PathBuf,
+    /// The path the guest uses.
+    pub guest: String,
+    /// What the guest may do there.
+    pub access: Access,
+}
+
+impl Preopen {
+    /// Grants preopened at the same path on the host (the CLI's `--dir`).
+    pub fn same_path(grants: &[DirGrant]) -> Vec<Preopen> {
+        grants
+            .iter()
+            .map(|grant| Preopen {
+                host: PathBuf::from(&grant.path),
+                guest: grant.path.clone(),
+                access: grant.access,
+            })
+            .collect()
+    }
+}
+
+/// What one run of a workload gets: argv, the (already policy-filtered) env and its
+/// preopened directories. Stdio is the process's own.
+#[derive(Debug, Clone, Default)]
+pub struct Workload {
+    /// argv; the first is the program's name.
+    pub args: Vec<String>,
+    /// Environment variables, after [`Policy::filter_env`].
+    pub env: Vec<(String, String)>,
+    /// Directories, after the policy's grants.
+    pub preopens: Vec<Preopen>,
+    /// Connect the guest's stdin/stdout/stderr to this process's (else: closed / discarded).
+    pub inherit_stdio: bool,
+}
+
+/// The engines, linkers and cache of a host process.
+pub struct Runtime {
+    options: RuntimeOptions,
+    engines: Mutex<HashMap<Flavor, Engine>>,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// A runtime with the given options; engines are built on first use.
+    pub fn new(options: RuntimeOptions) -> Runtime {
+        Runtime {
+            options,
+            engines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Which limits a policy needs compiled into the code.
+    pub fn flavor(&self, policy: &Policy) -> Flavor {
+        Flavor {
+            fuel: policy.fuel.is_some(),
+            epoch: policy.timeout.is_some() && self.options.deadline == DeadlineMode::Epoch,
+        }
+    }
+
+    /// The engine for a flavor, built once.
+    pub fn engine(&self, flavor: Flavor) -> Result<Engine, RunError> {
+        let mut engines = self.engines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(engine) = engines.get(&flavor) {
+            return Ok(engine.clone());
+        }
+        let engine = build_engine(flavor, self.options.allocation)?;
+        if flavor.epoch {
+            start_epoch_ticker(&engine);
+        }
+        engines.insert(flavor, engine.clone());
+        Ok(engine)
+    }
+
+    /// Every flavor this runtime may pick for some policy: what `bulwark compile` warms.
+    pub fn flavors(&self) -> Vec<Flavor> {
+        let epochs: &[bool] = match self.options.deadline {
+            DeadlineMode::ProcessWatchdog => &[false],
+            DeadlineMode::Epoch => &[false, true],
+        };
+        [false, true]
+            .into_iter()
+            .flat_map(|fuel| epochs.iter().map(move |&epoch| Flavor { fuel, epoch }))
+            .collect()
+    }
+
+    /// Compiles a module or component for `flavor` into the cache (if it is not there yet),
+    /// so that its first run starts fast. `None` when the runtime has no cache.
+    pub fn precompile(&self, flavor: Flavor, wasm: &[u8]) -> Result<Option<CacheEvent>, RunError> {
+        let kind = detect_kind(wasm)?;
+        let engine = self.engine(flavor)?;
+        let (_, event) = self.artifact(&engine, kind, wasm)?;
+        Ok(event)
+    }
+
+    /// Compiles (or loads from the cache) a module or component for `policy` and links it
+    /// against WASI, ready to instantiate many times.
+    pub fn load(&self, policy: &Policy, wasm: &[u8]) -> Result<Loaded, RunError> {
+        let kind = detect_kind(wasm)?;
+        let flavor = self.flavor(policy);
+        let engine = self.engine(flavor)?;
+        let (artifact, cache_event) = self.artifact(&engine, kind, wasm)?;
+        let entry = match kind {
+            WasmKind::Module => Entry::Module(link_module(&engine, &artifact)?),
+            WasmKind::Component => Entry::Component(link_component(&engine, &artifact)?),
+        };
+        if kind == WasmKind::Module && !policy.network.is_empty() {
+            log::warn!(
+                "network grants do not apply: a WASI preview 1 module has no sockets (only components do)"
+            );
+        }
+        Ok(Loaded {
+            engine,
+            flavor,
+            entry,
+            policy: policy.clone(),
+            cache_event,
+            deadline: self.options.deadline,
+        })
+    }
+
+    fn artifact<'a>(
+        &self,
+        engine: &Engine,
+        kind: WasmKind,
+        wasm: &'a [u8],
+    ) -> Result<(Artifact<'a>, Option<CacheEvent>), RunError> {
+        let Some(cache) = &self.options.cache else {
+            return Ok((Artifact::Source(wasm), None));
+        };
+        let started = std::time::Instant::now();
+        let (bytes, event) = cache
+            .get_or_compile(&fingerprint(engine), &module_digest(wasm), kind, || {
+                match kind {
+                    WasmKind::Module => engine.precompile_module(wasm),
+                    WasmKind::Component => engine.precompile_component(wasm),
+                }
+                .map_err(|error| CacheError::Compile(format!("{error:#}")))
+            })
+            .map_err(|error| match error {
+                CacheError::Compile(message) => RunError::Invalid(message),
+                other => RunError::Cache(other),
+            })?;
+        log::debug!("module cache: {event:?} in {:?}", started.elapsed());
+        Ok((Artifact::Precompiled(bytes), Some(event)))
+    }
+}
+
+enum Artifact<'a> {
+    Source(&'a [u8]),
+    /// Bytes the module cache wrote and verified.
+    Precompiled(Vec<u8>),
+}
+
+fn link_module(engine: &Engine, artifact: &Artifact) -> Result<InstancePre<ModuleHost>, RunError> {
+    let module = match artifact {
+        Artifact::Source(wasm) => Module::new(engine, wasm),
+        // SAFETY: the cache only returns bytes it wrote and authenticated.
+        Artifact::Precompiled(bytes) => unsafe { Module::deserialize(engine, bytes) },
+    }
+    .map_err(|error| RunError::Invalid(format!("{error:#}")))?;
+    if module.get_export("_start").is_none() {
+        return Err(RunError::Link(
+            "the module exports no _start (it is a library, not a WASI command)".into(),
+        ));
+    }
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |host: &mut ModuleHost| &mut host.wasi)
+        .map_err(|error| RunError::Link(format!("{error:#}")))?;
+    linker
+        .instantiate_pre(&module)
+        .map_err(|error| RunError::Link(format!("{error:#}")))
+}
+
+fn link_component(
+    engine: &Engine,
+    artifact: &Artifact,
+) -> Result<CommandPre<ComponentHost>, RunError> {
+    let component = match artifact {
+        Artifact::Source(wasm) => Component::new(engine, wasm),
+        // SAFETY: the cache only returns bytes it wrote and authenticated.
+        Artifact::Precompiled(bytes) => unsafe { Component::deserialize(engine, bytes) },
+    }
+    .map_err(|error| RunError::Invalid(format!("{error:#}")))?;
+    let mut linker = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        .map_err(|error| RunError::Link(format!("{error:#}")))?;
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(|error| RunError::Link(format!("{error:#}")))?;
+    CommandPre::new(pre).map_err(|error| {
+        RunError::Link(format!(
+            "the component is not a WASI command (no wasi:cli/run export): {error:#}"
+        ))
+    })
+}
+
+enum Entry {
+    Module(InstancePre<ModuleHost>),
+    Component(CommandPre<ComponentHost>),
+}
+
+/// A workload compiled and linked for one policy: instantiate it as often as needed.
+pub struct Loaded {
+    engine: Engine,
+    flavor: Flavor,
+    entry: Entry,
+    policy: Policy,
+    cache_event: Option<CacheEvent>,
+    deadline: DeadlineMode,
+}
+
+/// A live instance, instantiated and not yet run.
+pub struct Instance {
+    inner: InstanceInner,
+}
+
+enum InstanceInner {
+    Module(Store<ModuleHost>, wasmtime::Instance),
+    Component(
+        Store<ComponentHost>,
+        wasmtime_wasi::p2::bindings::sync::Command,
+    ),
+}
+
+impl Loaded {
+    /// What the module cache did while loading (`None` without a cache).
+    pub fn cache_event(&self) -> Option<&CacheEvent> {
+        self.cache_event.as_ref()
+    }
+
+    /// Whether it is a component (else a core module).
+    pub fn is_component(&self) -> bool {
+        matches!(self.entry, Entry::Component(_))
+    }
+
+    /// Which limits its code carries.
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    /// Creates an instance with the policy's limits and the workload's capabilities,
+    /// without running it. Limits that fire already here (a module whose initial memory
+    /// is above the cap) come back as an [`Outcome`].
+    pub fn instantiate(&self, workload: &Workload) -> Result<Result<Instance, Outcome>, RunError> {
+        let guard = Guard::new(&self.policy);
+        let wasi = self.wasi_builder(workload)?;
+        match &self.entry {
+            Entry::Module(pre) => {
+                let mut wasi = wasi;
+                let mut store = Store::new(
+                    &self.engine,
+                    ModuleHost {
+                        wasi: wasi.build_p1(),
+                        guard,
+                    },
+                );
+                self.arm(&mut store);
+                match pre.instantiate(&mut store) {
+                    Ok(instance) => Ok(Ok(Instance {
+                        inner: InstanceInner::Module(store, instance),
+                    })),
+                    Err(error) => Ok(Err(self.outcome(error, &store.data().guard))),
+                }
+            }
+            Entry::Component(pre) => {
+                let mut wasi = wasi;
+                let mut store = Store::new(
+                    &self.engine,
+                    ComponentHost {
+                        wasi: wasi.build(),
+                        table: ResourceTable::new(),
+                        guard,
+                    },
+                );
+                self.arm(&mut store);
+                match pre.instantiate(&mut store) {
+                    Ok(command) => Ok(Ok(Instance {
+                        inner: InstanceInner::Component(store, command),
+                    })),
+                    Err(error) => Ok(Err(self.outcome(error, &store.data().guard))),
+                }
+            }
+        }
+    }
+
+    /// Instantiates and runs the workload to its end, enforcing every limit of the
+    /// policy, and reports a limit's reason (stderr and `report`'s termination log).
+    ///
+    /// With [`DeadlineMode::ProcessWatchdog`] (the default), a deadline that passes ends
+    /// this process with exit code 124 after reporting: use it where the process belongs
+    /// to the workload.
+    pub fn run(&self, workload: &Workload, report: &Report) -> Result<Outcome, RunError> {
+        let watchdog = self
+            .policy
+            .timeout
+            .map(|timeout| Watchdog::start(timeout, self.deadline, report.clone()));
+        let outcome = match self.instantiate(workload)? {
+            Err(outcome) => outcome,
+            Ok(instance) => self.run_instance(instance),
+        };
+        drop(watchdog);
+        report.outcome(&outcome);
+        Ok(outcome)
+    }
+
+    fn run_instance(&self, instance: Instance) -> Outcome {
+        match instance.inner {
+            InstanceInner::Module(mut store, instance) => {
+                let result = instance
+                    .get_typed_func::<(), ()>(&mut store, "_start")
+                    .and_then(|start| start.call(&mut store, ()));
+                match result {
+                    Ok(()) => Outcome::Exited(0),
+                    Err(error) => self.outcome(error, &store.data().guard),
+                }
+            }
+            InstanceInner::Component(mut store, command) => {
+                match command.wasi_cli_run().call_run(&mut store) {
+                    Ok(Ok(())) => Outcome::Exited(0),
+                    Ok(Err(())) => Outcome::Exited(1),
+                    Err(error) => self.outcome(error, &store.data().guard),
+                }
+            }
+        }
+    }
+
+    fn arm<T: GuardedHost>(&self, store: &mut Store<T>) {
+        store.limiter(|host| host.guard() as &mut dyn ResourceLimiter);
+        if let Some(fuel) = self.policy.fuel {
+            store
+                .set_fuel(fuel.value)
+                .expect("fuel engines are built with consume_fuel");
+        }
+        if let (true, Some(timeout)) = (self.flavor.epoch, self.policy.timeout) {
+            let ticks = timeout.value.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+            store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+            store.epoch_deadline_trap();
+        }
+    }
+
+    fn wasi_builder(&self, workload: &Workload) -> Result<WasiCtxBuilder, RunError> {
+        let mut builder = WasiCtxBuilder::new();
+        builder.args(&workload.args);
+        builder.envs(&workload.env);
+        if workload.inherit_stdio {
+            builder.inherit_stdio();
+        }
+        for preopen in &workload.preopens {
+            let perms = match preopen.access {
+                Access::ReadOnly => FsPerms::ReadOnly,
+                Access::ReadWrite => FsPerms::ReadWrite,
+            };
+            builder
+                .preopened_dir(&preopen.host, &preopen.guest, perms)
+                .map_err(|error| RunError::Preopen {
+                    path: preopen.host.clone(),
+                    message: format!("{error:#}"),
+                })?;
+        }
+        // Sockets are off unless granted: no address passes the check, no DNS at all.
+        builder.allow_ip_name_lookup(false).allow_udp(false);
+        let grants: Arc<[SocketAddr]> = self.policy.network.clone().into();
+        builder.allow_tcp(!grants.is_empty());
+        builder.socket_addr_check(move |address, usage| {
+            let allowed = match usage {
+                SocketAddrUse::TcpConnect => grants.contains(&address),
+                // connect() binds implicitly to the wildcard address first.
+                SocketAddrUse::TcpBind => address.ip().is_unspecified() && address.port() == 0,
+                _ => false,
+            };
+            Box::pin(async move { allowed })
+        });
+        Ok(builder)
+    }
+
+    fn outcome(&self, error: wasmtime::Error, guard: &Guard) -> Outcome {
+        if let Some(exit) = error.downcast_ref::<I32Exit>() {
+            return Outcome::Exited(exit.0);
+        }
+        let trap = error.downcast_ref::<Trap>().copied();
+        match (trap, self.policy.fuel, self.policy.timeout) {
+            (Some(Trap::OutOfFuel), Some(fuel), _) => return Outcome::FuelExhausted(fuel),
+            (Some(Trap::Interrupt), _, Some(timeout)) => return Outcome::DeadlineExceeded(timeout),
+            _ => {}
+        }
+        if let Some(refused) = &guard.refused {
+            return Outcome::MemoryLimit {
+                limit: refused
+                    .by_memory_limit
+                    .then_some(self.policy.memory)
+                    .flatten(),
+                refused: refused.what.clone(),
+            };
+        }
+        let place = error
+            .downcast_ref::<WasmBacktrace>()
+            .and_then(|backtrace| backtrace.frames().first())
+            .and_then(|frame| frame.func_name().map(|name| format!(" (in {name})")))
+            .unwrap_or_default();
+        match trap {
+            Some(trap) => Outcome::Trapped(format!("{trap}{place}")),
+            None => Outcome::Trapped(format!("{error}")),
+        }
+    }
+}
+
+impl Instance {
+    /// Calls an exported core function taking two i32 and returning one (benchmarks).
+    #[doc(hidden)]
+    pub fn call_i32_i32_i32(&mut self, name: &str, a: i32, b: i32) -> Option<i32> {
+        match &mut self.inner {
+            InstanceInner::Module(store, instance) => instance
+                .get_typed_func::<(i32, i32), i32>(&mut *store, name)
+                .and_then(|func| func.call(&mut *store, (a, b)))
+                .ok(),
+            InstanceInner::Component(..) => None,
+        }
+    }
+}
+
+struct ModuleHost {
+    wasi: WasiP1Ctx,
+    guard: Guard,
+}
+
+struct ComponentHost {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    guard: Guard,
+}
+
+/// Store data that carries a [`Guard`].
+trait GuardedHost: Send + 'static {
+    fn guard(&mut self) -> &mut Guard;
+}
+
+impl GuardedHost for ModuleHost {
+    fn guard(&mut self) -> &mut Guard {
+        &mut self.guard
+    }
+}
+
+impl GuardedHost for ComponentHost {
+    fn guard(&mut self) -> &mut Guard {
+        &mut self.guard
+    }
+}
+
+impl WasiView for ComponentHost {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The per-store resource limiter: caps all linear memory of the instance together (a
+/// component's several memories included) and its table elements, and remembers a
+/// refusal so the outcome can say that the guest died of it.
+struct Guard {
+    memory_cap: Option<u64>,
+    memory_in_use: u64,
+    tables_in_use: usize,
+    refused: Option<Refusal>,
+}
+
+struct Refusal {
+    by_memory_limit: bool,
+    what: String,
+}
+
+impl Guard {
+    fn new(policy: &Policy) -> Guard {
+        Guard {
+            memory_cap: policy.memory.map(|limit| limit.value),
+            memory_in_use: 0,
+            tables_in_use: 0,
+            refused: None,
+        }
+    }
+}
+
+impl ResourceLimiter for Guard {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let growth = (desired - current) as u64;
+        let total = self.memory_in_use.saturating_add(growth);
+        if let Some(cap) = self.memory_cap
+            && total > cap
+        {
+            self.refused = Some(Refusal {
+                by_memory_limit: true,
+                what: format!("growing linear memory to {} refused", Bytes(total)),
+            });
+            return Ok(false);
+        }
+        self.memory_in_use = total;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The OS (or the pool) could not back the growth: the guest sees -1, as for a cap.
+        self.refused = Some(Refusal {
+            by_memory_limit: false,
+            what: format!("growing linear memory failed: {error}"),
+        });
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self.tables_in_use.saturating_add(desired - current);
+        let table_bytes = (total as u64).saturating_mul(size_of::<usize>() as u64);
+        let memory_total = self.memory_in_use.saturating_add(table_bytes);
+        let over_memory = self.memory_cap.is_some_and(|cap| memory_total > cap);
+        if total > MAX_TABLE_ELEMENTS || over_memory {
+            self.refused = Some(Refusal {
+                by_memory_limit: over_memory,
+                what: format!(
+                    "growing tables to {total} elements refused (at most {MAX_TABLE_ELEMENTS} per instance)"
+                ),
+            });
+            return Ok(false);
+        }
+        self.tables_in_use = total;
+        Ok(true)
+    }
+}
+
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("bulwark-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("cannot start the epoch thread");
+}
+
+/// Ends the process at the deadline (plus a grace period in epoch mode, where the engine
+/// itself should have stopped the guest first) unless dropped before.
+struct Watchdog {
+    done: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(timeout: Limit<Duration>, mode: DeadlineMode, report: Report) -> Watchdog {
+        let (done, finished) = mpsc::channel::<()>();
+        let wait = match mode {
+            DeadlineMode::ProcessWatchdog => timeout.value,
+            DeadlineMode::Epoch => timeout.value + EPOCH_TICK + DEADLINE_GRACE,
+        };
+        let thread = std::thread::Builder::new()
+            .name("bulwark-deadline".into())
+            .spawn(move || {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(wait) {
+                    let outcome = Outcome::DeadlineExceeded(timeout);
+                    flush_stdout_briefly();
+                    report.outcome(&outcome);
+                    // SAFETY: _exit ends the process without running destructors, which
+                    // is the point: the guest may be anywhere, even inside a host call.
+                    unsafe { libc::_exit(outcome.exit_code()) };
+                }
+            })
+            .expect("cannot start the deadline thread");
+        Watchdog {
+            done: Some(done),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Flushes what the guest wrote to stdout, but never waits long: a reader that stopped
+/// reading must not keep a deadline from firing.
+fn flush_stdout_briefly() {
+    let (flushed, wait) = mpsc::channel();
+    let _ = std::thread::Builder::new().spawn(move || {
+        let _ = std::io::stdout().flush();
+        let _ = flushed.send(());
+    });
+    let _ = wait.recv_timeout(Duration::from_millis(50));
+}

@@ -1,0 +1,303 @@
+//! `bulwark`: run a WebAssembly workload under exactly the policy a pod would get, and
+//! manage the node's precompiled-module cache.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use bulwark_runtime::cache::{CacheEvent, DEFAULT_CACHE_DIR, ModuleCache};
+use bulwark_runtime::policy::{Knob, LimitSource};
+use bulwark_runtime::run::{Preopen, Report};
+use bulwark_runtime::{NodeConfig, Policy, Request, Runtime, RuntimeOptions, Workload};
+
+/// Exit code for usage errors and bad input (flags, files, modules, configuration).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "bulwark",
+    version,
+    about = "Run untrusted WebAssembly with deny-by-default capabilities and hard limits",
+    long_about = "Run untrusted WebAssembly with deny-by-default capabilities and hard limits.\n\n\
+        `bulwark run` applies the same policy a Kubernetes pod gets from its bulwark.dev/* \
+        annotations, so a policy can be tried here before it meets a cluster."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a WASI module or component under a policy
+    #[command(
+        after_help = "Exit code: the workload's own; 152 when fuel runs out, 124 when the deadline \
+            passes, 137 when memory growth was refused and the workload died of it, 134 for any \
+            other trap, 2 for bad flags or input.\n\n\
+            Examples:\n  bulwark run --timeout 2s --memory 64Mi app.wasm --port 8080\n  \
+            bulwark run --dir /srv/data:ro --dir /tmp/out:rw --env LANG=C --env HOME app.wasm"
+    )]
+    Run(RunArgs),
+    /// Precompile modules into the node's cache, so their first run starts fast
+    Compile(CompileArgs),
+}
+
+#[derive(Args)]
+struct CacheArgs {
+    /// Directory of the precompiled-module cache (root-only on a node)
+    #[arg(long, value_name = "DIR", env = "BULWARK_CACHE_DIR", default_value = DEFAULT_CACHE_DIR)]
+    cache_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Fuel budget for the run (Wasmtime fuel units); out of fuel exits 152
+    #[arg(long, value_name = "N")]
+    fuel: Option<String>,
+    /// Wall-clock deadline: 250ms, 30s, 5m, 1h30m; passing it exits 124
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Cap on linear memory and tables: 64Mi, 1Gi; dying of it exits 137
+    #[arg(long, value_name = "QUANTITY")]
+    memory: Option<String>,
+    /// Preopen a host directory at the same path in the guest, read-only unless :rw
+    #[arg(long = "dir", value_name = "PATH[:ro|:rw]")]
+    dirs: Vec<String>,
+    /// Set NAME=VALUE in the guest, or pass this environment's NAME; nothing else is passed
+    #[arg(long = "env", value_name = "NAME=VALUE|NAME")]
+    env: Vec<String>,
+    /// Outbound TCP the guest may open (components only): none, or tcp:IP:PORT,...
+    #[arg(long, value_name = "none|tcp:IP:PORT,...")]
+    network: Option<String>,
+    /// Node configuration with defaults and ceilings (as /etc/bulwark/config.toml);
+    /// without it there are no defaults, no ceilings and network grants are allowed
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Compile in memory; do not read or write the cache
+    #[arg(long)]
+    no_cache: bool,
+    /// The WebAssembly module (WASI preview 1) or component (WASI preview 2 command)
+    #[arg(value_name = "MODULE")]
+    module: PathBuf,
+    /// Arguments for the workload (after MODULE, or after --)
+    #[arg(
+        value_name = "ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    args: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// The modules or components to precompile
+    #[arg(value_name = "MODULE", required = true)]
+    modules: Vec<PathBuf>,
+}
+
+/// An error that is the user's input, not Bulwark's failure: exit 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct InputError(String);
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|buf, record| {
+            use std::io::Write;
+            writeln!(
+                buf,
+                "bulwark: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
+        })
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Compile(args) => compile(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("bulwark: error: {error:#}");
+            if error.chain().any(|cause| cause.is::<InputError>()) {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn input(message: impl std::fmt::Display) -> anyhow::Error {
+    InputError(message.to_string()).into()
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) if !path.exists() => {
+            return Err(input(format!("--config {}: no such file", path.display())));
+        }
+        Some(path) => NodeConfig::load(path).map_err(input)?,
+        // A laptop is its own admin: no ceilings, and grants are the user's to make.
+        None => {
+            let mut config = NodeConfig::default();
+            config.capabilities.allow_network = true;
+            config
+        }
+    };
+    let mut request = Request::flags();
+    let knobs = [
+        (Knob::Fuel, args.fuel.as_slice()),
+        (Knob::Timeout, args.timeout.as_slice()),
+        (Knob::Memory, args.memory.as_slice()),
+        (Knob::Dirs, args.dirs.as_slice()),
+        (Knob::Network, args.network.as_slice()),
+    ];
+    for (knob, values) in knobs {
+        for value in values {
+            request.set(knob, value).map_err(input)?;
+        }
+    }
+    let policy = Policy::resolve(&config, &request).map_err(input)?;
+
+    let wasm = read_module(&args.module)?;
+    let mut argv = vec![args.module.display().to_string()];
+    for arg in &args.args {
+        argv.push(
+            arg.to_str()
+                .ok_or_else(|| input(format!("argument {arg:?} is not valid UTF-8")))?
+                .to_owned(),
+        );
+    }
+    let workload = Workload {
+        args: argv,
+        env: policy.filter_env(guest_env(&args.env)?),
+        preopens: Preopen::same_path(&policy.dirs),
+        inherit_stdio: true,
+    };
+    for preopen in &workload.preopens {
+        if !preopen.host.is_dir() {
+            return Err(input(format!(
+                "--dir {}: not a directory on this host",
+                preopen.host.display()
+            )));
+        }
+    }
+
+    let cache = if args.no_cache {
+        None
+    } else {
+        open_cache_or_warn(&args.cache.cache_dir)
+    };
+    let runtime = Runtime::new(RuntimeOptions {
+        cache,
+        ..RuntimeOptions::default()
+    });
+    let loaded = runtime
+        .load(&policy, &wasm)
+        .map_err(|error| input(format!("{}: {error}", args.module.display())))?;
+    log::debug!(
+        "policy: fuel {:?}, timeout {:?}, memory {:?} ({})",
+        policy.fuel.map(|l| l.value),
+        policy.timeout.map(|l| l.value),
+        policy.memory.map(|l| l.value),
+        policy.memory.map_or(LimitSource::NodeDefault, |l| l.source)
+    );
+    let outcome = loaded
+        .run(&workload, &Report::default())
+        .map_err(|error| input(format!("{}: {error}", args.module.display())))?;
+    // Exit codes are a byte; a guest's proc_exit(256) wraps as a shell would show it.
+    Ok(ExitCode::from(outcome.exit_code() as u8))
+}
+
+/// The guest's environment from `--env` flags: `NAME=VALUE` sets, `NAME` passes this
+/// environment's value. Nothing else of this environment reaches the guest.
+fn guest_env(flags: &[String]) -> Result<Vec<(String, String)>> {
+    let mut env = Vec::new();
+    for flag in flags {
+        let (name, value) = match flag.split_once('=') {
+            Some((name, value)) => (name.to_owned(), value.to_owned()),
+            None => {
+                let value = std::env::var(flag).map_err(|_| {
+                    input(format!(
+                        "--env {flag}: {flag} is not set here (use --env {flag}=VALUE to set it)"
+                    ))
+                })?;
+                (flag.clone(), value)
+            }
+        };
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(input(format!(
+                "--env {flag:?}: expected NAME=VALUE or NAME"
+            )));
+        }
+        env.retain(|(existing, _): &(String, String)| existing != &name);
+        env.push((name, value));
+    }
+    Ok(env)
+}
+
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    if path.is_dir() {
+        return Err(input(format!(
+            "{}: is a directory, not a module",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(|error| input(format!("{}: {error}", path.display())))
+}
+
+fn open_cache_or_warn(dir: &Path) -> Option<ModuleCache> {
+    match ModuleCache::open(dir) {
+        Ok(cache) => Some(cache),
+        Err(error) => {
+            log::warn!("{error}; compiling without the cache");
+            None
+        }
+    }
+}
+
+fn compile(args: CompileArgs) -> Result<ExitCode> {
+    let cache = ModuleCache::open(&args.cache.cache_dir)
+        .with_context(|| format!("cannot use the cache at {}", args.cache.cache_dir.display()))?;
+    let runtime = Runtime::new(RuntimeOptions {
+        cache: Some(cache),
+        ..RuntimeOptions::default()
+    });
+    // Every flavor `bulwark run` and the shim may pick, so that no first run compiles.
+    for module in &args.modules {
+        let wasm = read_module(module)?;
+        for flavor in runtime.flavors() {
+            let started = std::time::Instant::now();
+            let event = runtime
+                .precompile(flavor, &wasm)
+                .map_err(|error| input(format!("{}: {error}", module.display())))?;
+            let what = match event {
+                Some(CacheEvent::Hit) | Some(CacheEvent::CompiledByPeer) => "already cached",
+                Some(CacheEvent::Compiled) => "compiled",
+                Some(CacheEvent::Replaced { .. }) => "recompiled (the old entry was invalid)",
+                None => bail!("the cache was not used"),
+            };
+            let label = if flavor.fuel {
+                "with fuel metering"
+            } else {
+                "without metering"
+            };
+            println!(
+                "{}: {what} {label} in {:.1} ms",
+                module.display(),
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
