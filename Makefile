@@ -1,0 +1,65 @@
+# Bulwark: build, demo, test, bench.
+#
+#   make deps    install the system packages the build and tests need (Debian, root)
+#   make demo    build, then show `bulwark run` applying a policy and its limits firing
+#   make test    build everything and run every test
+#   make bench   print the benchmark tables
+#   make lint    rustfmt and clippy, warnings as errors
+
+CARGO      ?= cargo
+BUILD      := build
+GUESTS     := $(BUILD)/guests
+COMPONENTS := $(BUILD)/components
+NATIVE     := $(BUILD)/native
+BIN        := target/release
+BULWARK    := $(BIN)/bulwark
+# The C guests that also exist as WASI preview 2 command components.
+COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
+
+APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt
+
+.PHONY: all build guests components deps demo test bench lint clean
+
+all: build guests
+
+# One release build for the binaries, the tests and the benchmarks: Wasmtime is slow to
+# compile on small machines and the tests need optimised code to run limits quickly.
+build:
+	$(CARGO) build --release --workspace --bins
+
+guests:
+	$(MAKE) -C images/guests OUT=$(CURDIR)/$(GUESTS) NATIVE_OUT=$(CURDIR)/$(NATIVE)
+
+components: guests build
+	@mkdir -p $(COMPONENTS)
+	@for guest in $(COMPONENT_GUESTS); do \
+		if [ ! $(COMPONENTS)/$$guest.wasm -nt $(GUESTS)/$$guest.wasm ]; then \
+			echo "componentize $$guest"; \
+			$(BIN)/componentize $(GUESTS)/$$guest.wasm $(COMPONENTS)/$$guest.wasm || exit 1; \
+		fi; \
+	done
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+demo: build guests
+	@./images/demo.sh $(BULWARK) $(GUESTS)
+
+test: build guests components
+	$(CARGO) test --release --workspace
+
+bench: build guests
+	$(CARGO) bench -p bulwark-runtime --bench runtime
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)
