@@ -54,7 +54,7 @@ test: build guests components
 	$(CARGO) test --release --workspace
 
 bench: build guests
-	$(CARGO) bench -p bulwark-runtime --bench runtime
+	$(CARGO) bench --workspace --bench runtime
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -84,7 +84,7 @@ fn split_memory_suffix(text: &str) -> Option<(&str, u128)> {
 pub fn format_memory(bytes: u64) -> String {
     for (suffix, power) in BINARY_SUFFIXES.iter().rev() {
         let unit = 1024u64.pow(*power);
-        if bytes >= unit && bytes % unit == 0 {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
     }
