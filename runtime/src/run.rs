@@ -563,12 +563,7 @@ impl Loaded {
         let grants: Arc<[SocketAddr]> = self.policy.network.clone().into();
         builder.allow_tcp(!grants.is_empty());
         builder.socket_addr_check(move |address, usage| {
-            let allowed = match usage {
-                SocketAddrUse::TcpConnect => grants.contains(&address),
-                // connect() binds implicitly to the wildcard address first.
-                SocketAddrUse::TcpBind => address.ip().is_unspecified() && address.port() == 0,
-                _ => false,
-            };
+            let allowed = socket_use_allowed(&grants, address, usage);
             Box::pin(async move { allowed })
         });
         Ok(builder)
@@ -737,6 +732,18 @@ impl ResourceLimiter for Guard {
     }
 }
 
+/// The network policy at the socket level: connect only to granted destinations; bind
+/// only the implicit wildcard bind that `connect` performs; never listen, accept or UDP.
+fn socket_use_allowed(grants: &[SocketAddr], address: SocketAddr, usage: SocketAddrUse) -> bool {
+    match usage {
+        SocketAddrUse::TcpConnect => grants.contains(&address),
+        SocketAddrUse::TcpBind => {
+            !grants.is_empty() && address.ip().is_unspecified() && address.port() == 0
+        }
+        _ => false,
+    }
+}
+
 fn start_epoch_ticker(engine: &Engine) {
     let weak = engine.weak();
     std::thread::Builder::new()
@@ -803,4 +810,41 @@ fn flush_stdout_briefly() {
         let _ = flushed.send(());
     });
     let _ = wait.recv_timeout(Duration::from_millis(50));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_reach_only_granted_destinations() {
+        let grants: Vec<SocketAddr> = vec!["10.0.0.5:5432".parse().unwrap()];
+        let connect = |addr: &str| {
+            socket_use_allowed(&grants, addr.parse().unwrap(), SocketAddrUse::TcpConnect)
+        };
+        assert!(connect("10.0.0.5:5432"));
+        assert!(!connect("10.0.0.5:5433"));
+        assert!(!connect("10.0.0.6:5432"));
+        assert!(!connect("127.0.0.1:5432"));
+        let wildcard = "0.0.0.0:0".parse().unwrap();
+        assert!(socket_use_allowed(
+            &grants,
+            wildcard,
+            SocketAddrUse::TcpBind
+        ));
+        assert!(!socket_use_allowed(&[], wildcard, SocketAddrUse::TcpBind));
+        let port = "0.0.0.0:8080".parse().unwrap();
+        for usage in [SocketAddrUse::TcpBind, SocketAddrUse::TcpListen] {
+            assert!(!socket_use_allowed(&grants, port, usage));
+        }
+        let peer = "10.0.0.5:5432".parse().unwrap();
+        for usage in [
+            SocketAddrUse::TcpAccept,
+            SocketAddrUse::UdpBind,
+            SocketAddrUse::UdpSend,
+            SocketAddrUse::UdpReceive,
+        ] {
+            assert!(!socket_use_allowed(&grants, peer, usage));
+        }
+    }
 }
