@@ -14,6 +14,7 @@
 pub mod cache;
 pub mod config;
 pub mod engine;
+pub mod image;
 pub mod policy;
 pub mod run;
 pub mod units;

@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Component, Path};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::NodeConfig;
 use crate::units::{self, format_duration, format_memory};
 
@@ -18,7 +20,7 @@ use crate::units::{self, format_duration, format_memory};
 pub const ANNOTATION_PREFIX: &str = "bulwark.dev/";
 
 /// One policy setting, with its two spellings: a pod annotation and a CLI flag.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Knob {
     /// Wasmtime fuel budget for one run.
     Fuel,
@@ -87,7 +89,7 @@ impl Knob {
 }
 
 /// Whether a request came from annotations or flags, so errors name what the user typed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Spelling {
     /// `bulwark.dev/<knob>` pod annotations.
     Annotation,
@@ -96,7 +98,8 @@ pub enum Spelling {
 }
 
 impl Spelling {
-    fn key(self, knob: Knob) -> &'static str {
+    /// The key as this spelling writes it.
+    pub fn key(self, knob: Knob) -> &'static str {
         match self {
             Spelling::Annotation => knob.annotation(),
             Spelling::Flag => knob.flag(),
@@ -153,7 +156,7 @@ pub enum PolicyError {
 }
 
 /// Access to a preopened directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Access {
     /// Read and list only: no create, write, rename, unlink or truncate.
     ReadOnly,
@@ -171,7 +174,7 @@ impl fmt::Display for Access {
 }
 
 /// A directory the guest may use, at the same path it has in the container (or host).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirGrant {
     /// Absolute, normalised path, both where it is and where the guest sees it.
     pub path: String,
@@ -180,10 +183,10 @@ pub struct DirGrant {
 }
 
 /// Where an effective limit came from, so that a reason can say which setting fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LimitSource {
-    /// The workload asked for it (annotation or flag; the key is given).
-    Requested(&'static str),
+    /// The workload asked for it, through this knob spelled this way.
+    Requested(Knob, Spelling),
     /// The node's `[defaults]`.
     NodeDefault,
     /// The node's `[ceilings]` (the workload asked for nothing and there is no default).
@@ -195,7 +198,7 @@ pub enum LimitSource {
 impl fmt::Display for LimitSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LimitSource::Requested(key) => f.write_str(key),
+            LimitSource::Requested(knob, spelling) => f.write_str(spelling.key(*knob)),
             LimitSource::NodeDefault => f.write_str("node default"),
             LimitSource::NodeCeiling => f.write_str("node ceiling"),
             LimitSource::ContainerMemoryLimit => f.write_str("container memory limit"),
@@ -204,7 +207,7 @@ impl fmt::Display for LimitSource {
 }
 
 /// An effective limit and where it came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limit<T> {
     /// The limit.
     pub value: T,
@@ -330,7 +333,7 @@ impl Request {
 }
 
 /// The effective policy for one workload: every limit and grant it runs with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     /// Fuel budget for one run, if any.
     pub fuel: Option<Limit<u64>>,
@@ -432,7 +435,7 @@ fn resolve_limit<T: Copy + PartialOrd>(
     Ok(match (requested, default, ceiling) {
         (Some(value), _, _) => Some(Limit {
             value,
-            source: LimitSource::Requested(key),
+            source: LimitSource::Requested(knob, request.spelling),
         }),
         (None, Some(value), _) => Some(Limit {
             value,
@@ -610,7 +613,7 @@ mod tests {
         assert_eq!(policy.fuel.unwrap().value, 5000);
         assert_eq!(
             policy.fuel.unwrap().source,
-            LimitSource::Requested("bulwark.dev/fuel")
+            LimitSource::Requested(Knob::Fuel, Spelling::Annotation)
         );
         assert_eq!(policy.timeout.unwrap().value, Duration::from_millis(250));
         assert_eq!(policy.memory.unwrap().value, 64 << 20);

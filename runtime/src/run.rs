@@ -189,7 +189,7 @@ impl Report {
 }
 
 /// A directory to preopen: where it is on this host and where the guest sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Preopen {
     /// The directory as this process can open it (for a container: inside its rootfs).
     pub host: PathBuf,

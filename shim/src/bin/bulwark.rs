@@ -43,6 +43,54 @@ enum Command {
     Run(RunArgs),
     /// Precompile modules into the node's cache, so their first run starts fast
     Compile(CompileArgs),
+    /// Package a module as an OCI image
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build an OCI image from a .wasm file, as an OCI layout directory or a tar of one
+    #[command(
+        after_help = "Formats:\n  layer     the module at /app.wasm in an ordinary tar layer, which is the \
+            entrypoint; every containerd runs it (1.6 included)\n  artifact  the CNCF Wasm artifact \
+            (application/wasm layer); containerd >= 1.7.7\n\n\
+            Push a layout with skopeo: skopeo copy oci:DIR:TAG docker://REGISTRY/REPO:TAG\n\
+            Import an archive: ctr image import FILE"
+    )]
+    Build(ImageBuildArgs),
+}
+
+#[derive(Args)]
+struct ImageBuildArgs {
+    /// Image format
+    #[arg(long, value_enum, default_value = "layer")]
+    format: ImageFormat,
+    /// Full image reference to record (registry/repo:tag)
+    #[arg(long, value_name = "REF")]
+    name: String,
+    /// Write an OCI image layout directory
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "archive",
+        required_unless_present = "archive"
+    )]
+    oci_layout: Option<PathBuf>,
+    /// Write a tar of an OCI image layout (for ctr image import)
+    #[arg(long, value_name = "FILE")]
+    archive: Option<PathBuf>,
+    /// The WebAssembly module or component
+    #[arg(value_name = "MODULE")]
+    module: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImageFormat {
+    /// Wasm file in an ordinary layer
+    Layer,
+    /// CNCF OCI Wasm artifact
+    Artifact,
 }
 
 #[derive(Args)]
@@ -123,6 +171,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Compile(args) => compile(args),
+        Command::Image(ImageCommand::Build(args)) => build_image(args),
     };
     match result {
         Ok(code) => code,
@@ -299,5 +348,25 @@ fn compile(args: CompileArgs) -> Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build_image(args: ImageBuildArgs) -> Result<ExitCode> {
+    use bulwark_runtime::image;
+    let wasm = read_module(&args.module)?;
+    bulwark_runtime::engine::detect_kind(&wasm)
+        .map_err(|error| input(format!("{}: {error}", args.module.display())))?;
+    let built = match args.format {
+        ImageFormat::Layer => image::wasm_in_layer(&wasm),
+        ImageFormat::Artifact => image::wasm_artifact(&wasm),
+    }
+    .map_err(|error| input(format!("{}: {error}", args.module.display())))?;
+    let images = [(args.name.as_str(), &built)];
+    match (&args.oci_layout, &args.archive) {
+        (Some(dir), _) => image::write_layout(dir, &images)?,
+        (None, Some(file)) => image::write_archive(file, &images)?,
+        (None, None) => unreachable!("clap requires one of them"),
+    }
+    println!("{} {}", args.name, built.manifest.descriptor.digest);
     Ok(ExitCode::SUCCESS)
 }

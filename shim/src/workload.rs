@@ -1,0 +1,193 @@
+//! The workload process: one per Wasm container, started by the shim as
+//! `containerd-shim-bulwark-v1 workload PLAN`. It joins the container's cgroup before it
+//! exists as a workload (the shim arranges that before exec), loads the module through the
+//! node cache, locks itself down (no new privileges, no capabilities, the container's
+//! user, Landlock over the filesystem) and only then runs the guest. Its exit code is the
+//! container's: the guest's own, or the contract's code for a limit.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use bulwark_runtime::cache::ModuleCache;
+use bulwark_runtime::policy::{Access, Policy};
+use bulwark_runtime::run::{Preopen, Report, Workload};
+use bulwark_runtime::{Runtime, RuntimeOptions};
+
+/// The first argument that turns the shim binary into a workload process.
+pub const WORKLOAD_ARG: &str = "workload";
+
+/// Everything a workload process needs, resolved by the shim at Create.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    /// The container id (for messages).
+    pub container_id: String,
+    /// The wasm file on the host (inside the rootfs, or a content-store blob).
+    pub module: PathBuf,
+    /// argv for the guest.
+    pub args: Vec<String>,
+    /// Environment, after the policy's allow-list.
+    pub env: Vec<(String, String)>,
+    /// Preopened directories, host paths resolved.
+    pub preopens: Vec<Preopen>,
+    /// The effective policy.
+    pub policy: Policy,
+    /// The node's module cache.
+    pub cache_dir: PathBuf,
+    /// Kubernetes' termination-message file on the host.
+    pub termination_log: Option<PathBuf>,
+    /// The container's user.
+    pub uid: u32,
+    /// The container's group.
+    pub gid: u32,
+    /// The container's supplementary groups.
+    pub additional_gids: Vec<u32>,
+}
+
+impl Plan {
+    /// Writes the plan next to the bundle's config.json (root-only, like the bundle).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec(self)?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    fn read(path: &Path) -> Result<Plan> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("malformed plan {}", path.display()))
+    }
+}
+
+/// Runs a workload process to its end; returns its exit code.
+pub fn main(plan_path: &Path) -> i32 {
+    match run(plan_path) {
+        Ok(code) => code,
+        Err(error) => {
+            // The container's stderr is its log: say why it could not run.
+            eprintln!("bulwark: error: {error:#}");
+            1
+        }
+    }
+}
+
+fn run(plan_path: &Path) -> Result<i32> {
+    let plan = Plan::read(plan_path)?;
+    let wasm = std::fs::read(&plan.module)
+        .with_context(|| format!("cannot read the module {}", plan.module.display()))?;
+    let cache = match ModuleCache::open(&plan.cache_dir) {
+        Ok(cache) => Some(cache),
+        Err(error) => {
+            log::warn!("{error}; compiling without the cache");
+            None
+        }
+    };
+    let runtime = Runtime::new(RuntimeOptions {
+        cache,
+        ..RuntimeOptions::default()
+    });
+    let loaded = runtime
+        .load(&plan.policy, &wasm)
+        .with_context(|| format!("{}", plan.module.display()))?;
+    drop(wasm);
+
+    lock_down(&plan)?;
+
+    let workload = Workload {
+        args: plan.args.clone(),
+        env: plan.env.clone(),
+        preopens: plan.preopens.clone(),
+        inherit_stdio: true,
+    };
+    let report = Report {
+        termination_log: plan.termination_log.clone(),
+    };
+    let outcome = loaded.run(&workload, &report)?;
+    Ok(outcome.exit_code())
+}
+
+/// From here on the process can reach only what the guest was granted.
+fn lock_down(plan: &Plan) -> Result<()> {
+    set_no_new_privs()?;
+    restrict_filesystem(plan)?;
+    become_user(plan)?;
+    drop_capabilities()?;
+    Ok(())
+}
+
+fn set_no_new_privs() -> Result<()> {
+    // SAFETY: plain prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot set no_new_privs");
+    }
+    Ok(())
+}
+
+fn become_user(plan: &Plan) -> Result<()> {
+    let groups: Vec<libc::gid_t> = plan.additional_gids.clone();
+    // SAFETY: setgroups/setgid/setuid with valid arguments; order matters (groups and
+    // gid first, while we may still change them).
+    unsafe {
+        if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot set groups");
+        }
+        if libc::setgid(plan.gid) != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot set gid");
+        }
+        if libc::setuid(plan.uid) != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot set uid");
+        }
+    }
+    Ok(())
+}
+
+fn drop_capabilities() -> Result<()> {
+    caps::clear(None, caps::CapSet::Bounding).context("cannot drop the bounding set")?;
+    caps::clear(None, caps::CapSet::Ambient).context("cannot clear ambient capabilities")?;
+    caps::clear(None, caps::CapSet::Inheritable)
+        .context("cannot clear inheritable capabilities")?;
+    caps::clear(None, caps::CapSet::Effective).context("cannot clear effective capabilities")?;
+    caps::clear(None, caps::CapSet::Permitted).context("cannot clear permitted capabilities")?;
+    Ok(())
+}
+
+/// Landlock: the process may open only the preopened directories (read-only ones for
+/// reading) and write its termination-message file; the module is already loaded.
+fn restrict_filesystem(plan: &Plan) -> Result<()> {
+    use landlock::{
+        ABI, Access as _, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+        RulesetStatus,
+    };
+    let abi = ABI::V3;
+    let mut ruleset = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .context("cannot set up Landlock")?
+        .create()
+        .context("cannot create the Landlock ruleset")?;
+    for preopen in &plan.preopens {
+        let access = match preopen.access {
+            Access::ReadOnly => AccessFs::from_read(abi),
+            Access::ReadWrite => AccessFs::from_all(abi),
+        };
+        let fd = PathFd::new(&preopen.host)
+            .with_context(|| format!("cannot open {}", preopen.host.display()))?;
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, access))
+            .context("cannot add a Landlock rule")?;
+    }
+    if let Some(log) = &plan.termination_log
+        && let Ok(fd) = PathFd::new(log)
+    {
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(
+                fd,
+                AccessFs::WriteFile | AccessFs::Truncate,
+            ))
+            .context("cannot add a Landlock rule")?;
+    }
+    let status = ruleset.restrict_self().context("cannot apply Landlock")?;
+    if status.ruleset == RulesetStatus::NotEnforced {
+        log::warn!("Landlock is not available on this kernel: file access is not restricted");
+    }
+    Ok(())
+}
