@@ -188,6 +188,7 @@ fn instantiation_latency() {
             cache: Some(ModuleCache::open(&temp.path().join("cache")).unwrap()),
             allocation: Allocation::Pooling { instances: 16 },
             deadline: DeadlineMode::ProcessWatchdog,
+            parallel_compilation: true,
         });
         let policy = policy(&flags);
         runtime.load(&policy, wasm).unwrap(); // fill the cache

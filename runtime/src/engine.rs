@@ -51,8 +51,13 @@ pub enum Allocation {
 pub struct EngineError(String);
 
 /// Builds the Wasmtime engine for a flavor and an allocation strategy.
-pub fn build_engine(flavor: Flavor, allocation: Allocation) -> Result<Engine, EngineError> {
+pub fn build_engine(
+    flavor: Flavor,
+    allocation: Allocation,
+    parallel_compilation: bool,
+) -> Result<Engine, EngineError> {
     let mut config = Config::new();
+    config.parallel_compilation(parallel_compilation);
     config.consume_fuel(flavor.fuel);
     config.epoch_interruption(flavor.epoch);
     // Wasm features beyond the stable, widely emitted set widen the attack surface
@@ -143,25 +148,29 @@ mod tests {
 
     #[test]
     fn flavors_have_distinct_fingerprints() {
-        let plain = build_engine(Flavor::PLAIN, Allocation::OnDemand).unwrap();
+        let plain = build_engine(Flavor::PLAIN, Allocation::OnDemand, true).unwrap();
         let fuel = build_engine(
             Flavor {
                 fuel: true,
                 epoch: false,
             },
             Allocation::OnDemand,
+            true,
         )
         .unwrap();
-        let again = build_engine(Flavor::PLAIN, Allocation::OnDemand).unwrap();
+        let again = build_engine(Flavor::PLAIN, Allocation::OnDemand, true).unwrap();
         assert_ne!(fingerprint(&plain), fingerprint(&fuel));
         assert_eq!(fingerprint(&plain), fingerprint(&again));
     }
 
     #[test]
     fn pooling_and_on_demand_share_artifacts() {
-        let on_demand = build_engine(Flavor::PLAIN, Allocation::OnDemand).unwrap();
-        let pooling = build_engine(Flavor::PLAIN, Allocation::Pooling { instances: 4 }).unwrap();
+        let on_demand = build_engine(Flavor::PLAIN, Allocation::OnDemand, true).unwrap();
+        let pooling =
+            build_engine(Flavor::PLAIN, Allocation::Pooling { instances: 4 }, true).unwrap();
         assert_eq!(fingerprint(&on_demand), fingerprint(&pooling));
+        let serial = build_engine(Flavor::PLAIN, Allocation::OnDemand, false).unwrap();
+        assert_eq!(fingerprint(&on_demand), fingerprint(&serial));
     }
 
     #[test]

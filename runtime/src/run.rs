@@ -63,6 +63,9 @@ pub struct RuntimeOptions {
     pub allocation: Allocation,
     /// Deadline enforcement.
     pub deadline: DeadlineMode,
+    /// Compile on a pool of threads. Off where the process must stay single-threaded
+    /// until it has locked itself down (the shim's workload process).
+    pub parallel_compilation: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -71,6 +74,7 @@ impl Default for RuntimeOptions {
             cache: None,
             allocation: Allocation::OnDemand,
             deadline: DeadlineMode::ProcessWatchdog,
+            parallel_compilation: true,
         }
     }
 }
@@ -264,7 +268,11 @@ impl Runtime {
         if let Some(engine) = engines.get(&flavor) {
             return Ok(engine.clone());
         }
-        let engine = build_engine(flavor, self.options.allocation)?;
+        let engine = build_engine(
+            flavor,
+            self.options.allocation,
+            self.options.parallel_compilation,
+        )?;
         if flavor.epoch {
             start_epoch_ticker(&engine);
         }

@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod options;
+pub mod seccomp;
 pub mod service;
 pub mod spec;
 pub mod stats;

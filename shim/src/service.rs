@@ -33,7 +33,7 @@ use bulwark_runtime::run::Preopen;
 use crate::cgroup::{Cgroup, Resources};
 use crate::options::config_path_from_options;
 use crate::spec::{ContainerSpec, SpecError};
-use crate::workload::{Plan, WORKLOAD_ARG};
+use crate::workload::{LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
 
 /// Overrides the node cache directory (tests use a private one).
 pub const CACHE_DIR_ENV: &str = "BULWARK_CACHE_DIR";
@@ -378,8 +378,10 @@ impl TaskService {
             .stdin(open_stdio(&stdio.stdin, false)?)
             .stdout(open_stdio(&stdio.stdout, true)?)
             .stderr(open_stdio(&stdio.stderr, true)?);
-        if let Ok(cache) = std::env::var(CACHE_DIR_ENV) {
-            command.env(CACHE_DIR_ENV, cache);
+        for name in [CACHE_DIR_ENV, LOCKDOWN_PROBE_ENV, "RUST_LOG"] {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
         }
         // Join the container's cgroup between fork and exec: the workload never runs
         // outside it. Only async-signal-safe calls happen in the child.

@@ -18,6 +18,13 @@ use bulwark_runtime::{Runtime, RuntimeOptions};
 /// The first argument that turns the shim binary into a workload process.
 pub const WORKLOAD_ARG: &str = "workload";
 
+/// What the workload process tries right after locking itself down, colon-separated,
+/// reporting each on stderr: paths to open from the host side, and `@NAME` for the syscalls
+/// `socket`, `fork`, `unshare` and `ptrace`. It is the test of the lock-down: a stand-in
+/// for a bug in the engine that would let a guest reach past it. It only ever reports
+/// whether an attempt succeeded.
+pub const LOCKDOWN_PROBE_ENV: &str = "BULWARK_LOCKDOWN_PROBE";
+
 /// Everything a workload process needs, resolved by the shim at Create.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
@@ -61,6 +68,17 @@ impl Plan {
 
 /// Runs a workload process to its end; returns its exit code.
 pub fn main(plan_path: &Path) -> i32 {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|buf, record| {
+            use std::io::Write;
+            writeln!(
+                buf,
+                "bulwark: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
+        })
+        .init();
     match run(plan_path) {
         Ok(code) => code,
         Err(error) => {
@@ -84,6 +102,7 @@ fn run(plan_path: &Path) -> Result<i32> {
     };
     let runtime = Runtime::new(RuntimeOptions {
         cache,
+        parallel_compilation: false,
         ..RuntimeOptions::default()
     });
     let loaded = runtime
@@ -92,6 +111,9 @@ fn run(plan_path: &Path) -> Result<i32> {
     drop(wasm);
 
     lock_down(&plan)?;
+    if let Some(paths) = std::env::var_os(LOCKDOWN_PROBE_ENV) {
+        probe(&paths);
+    }
 
     let workload = Workload {
         args: plan.args.clone(),
@@ -106,12 +128,63 @@ fn run(plan_path: &Path) -> Result<i32> {
     Ok(outcome.exit_code())
 }
 
+fn probe(paths: &std::ffi::OsStr) {
+    for path in std::env::split_paths(paths) {
+        let name = path.display().to_string();
+        let result = match name.strip_prefix('@') {
+            Some(syscall) => probe_syscall(syscall),
+            None => std::fs::File::open(&path).map(drop),
+        };
+        match result {
+            Ok(()) => eprintln!("bulwark: probe: {name}: ALLOWED"),
+            Err(error) => eprintln!("bulwark: probe: {name}: denied ({error})"),
+        }
+    }
+}
+
+fn probe_syscall(name: &str) -> std::io::Result<()> {
+    let check = |result: i64| {
+        if result < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(result)
+        }
+    };
+    // SAFETY: each call either fails or creates something that is released at once; a
+    // forked child exits immediately without touching anything.
+    unsafe {
+        match name {
+            "socket" => check(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64).map(|fd| {
+                libc::close(fd as i32);
+            }),
+            "fork" => check(libc::fork() as i64).map(|pid| {
+                if pid == 0 {
+                    libc::_exit(0);
+                }
+            }),
+            "unshare" => check(libc::unshare(libc::CLONE_NEWNS) as i64).map(drop),
+            "ptrace" => check(libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0)).map(drop),
+            _ => Err(std::io::Error::other(format!("unknown probe {name}"))),
+        }
+    }
+}
+
 /// From here on the process can reach only what the guest was granted.
 fn lock_down(plan: &Plan) -> Result<()> {
+    // Landlock, capabilities and the user are per thread: a thread that existed before
+    // would keep what the others give up. Loading compiles on this thread only.
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(Iterator::count)
+        .unwrap_or(0);
+    anyhow::ensure!(
+        threads == 1,
+        "{threads} threads exist before the lock-down; expected 1"
+    );
     set_no_new_privs()?;
     restrict_filesystem(plan)?;
     become_user(plan)?;
     drop_capabilities()?;
+    crate::seccomp::install(!plan.policy.network.is_empty())?;
     Ok(())
 }
 

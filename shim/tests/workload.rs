@@ -1,0 +1,150 @@
+//! The workload process on its own (no containerd): what it can still reach after it
+//! locked itself down, and that it runs a plan the way the shim writes it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bulwark_runtime::NodeConfig;
+use bulwark_runtime::policy::{Access, Knob, Policy, Request};
+use bulwark_runtime::run::Preopen;
+use bulwark_shim::workload::{LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
+
+fn guest(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../build/guests/{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `make guests`",
+        path.display()
+    );
+    path
+}
+
+fn plan(
+    temp: &Path,
+    module: PathBuf,
+    args: &[&str],
+    preopens: Vec<Preopen>,
+    flags: &[(Knob, &str)],
+) -> PathBuf {
+    let mut request = Request::annotations();
+    for (knob, value) in flags {
+        request.set(*knob, value).unwrap();
+    }
+    let plan = Plan {
+        container_id: "test".into(),
+        module,
+        args: args.iter().map(|a| a.to_string()).collect(),
+        env: vec![],
+        preopens,
+        policy: Policy::resolve(&NodeConfig::default(), &request).unwrap(),
+        cache_dir: temp.join("cache"),
+        termination_log: Some(temp.join("termination-log")),
+        uid: 0,
+        gid: 0,
+        additional_gids: vec![],
+    };
+    let path = temp.join("plan.json");
+    plan.write(&path).unwrap();
+    fs::write(temp.join("termination-log"), "").unwrap();
+    path
+}
+
+fn workload(plan: &Path, probe: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_containerd-shim-bulwark-v1"))
+        .arg(WORKLOAD_ARG)
+        .arg(plan)
+        .env_clear()
+        .env(LOCKDOWN_PROBE_ENV, probe)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn after_lock_down_only_granted_paths_open_from_the_host_side() {
+    let temp = tempfile::tempdir().unwrap();
+    let granted = temp.path().join("granted");
+    fs::create_dir(&granted).unwrap();
+    fs::write(granted.join("file"), "ok").unwrap();
+    let module = guest("hello");
+    let plan = plan(
+        temp.path(),
+        module.clone(),
+        &["hello"],
+        vec![Preopen {
+            host: granted.clone(),
+            guest: "/data".into(),
+            access: Access::ReadOnly,
+        }],
+        &[],
+    );
+    let probes = [
+        PathBuf::from("/etc/passwd"),
+        PathBuf::from("/proc/self/environ"),
+        module.clone(),
+        temp.path().join("plan.json"),
+        PathBuf::from("@socket"),
+        PathBuf::from("@fork"),
+        PathBuf::from("@unshare"),
+        PathBuf::from("@ptrace"),
+        granted.join("file"),
+    ];
+    let joined = std::env::join_paths(&probes).unwrap();
+    let output = workload(&plan, joined.to_str().unwrap());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "hello from bulwark\n"
+    );
+    for denied in &probes[..8] {
+        assert!(
+            stderr.contains(&format!("probe: {}: denied", denied.display())),
+            "{} was reachable: {stderr}",
+            denied.display()
+        );
+    }
+    assert!(
+        stderr.contains(&format!(
+            "probe: {}: ALLOWED",
+            granted.join("file").display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_limit_writes_the_termination_log() {
+    let temp = tempfile::tempdir().unwrap();
+    let plan = plan(
+        temp.path(),
+        guest("loop"),
+        &["loop"],
+        vec![],
+        &[(Knob::Fuel, "1000000")],
+    );
+    let output = workload(&plan, "");
+    assert_eq!(output.status.code(), Some(152));
+    assert_eq!(
+        fs::read_to_string(temp.path().join("termination-log")).unwrap(),
+        "fuel exhausted after 1000000 units (bulwark.dev/fuel)\n"
+    );
+}
+
+#[test]
+fn a_missing_plan_or_module_is_a_clear_error() {
+    let temp = tempfile::tempdir().unwrap();
+    let output = workload(&temp.path().join("absent.json"), "");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("absent.json"));
+    let plan = plan(
+        temp.path(),
+        temp.path().join("gone.wasm"),
+        &["x"],
+        vec![],
+        &[],
+    );
+    let output = workload(&plan, "");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("gone.wasm"));
+}
