@@ -4,6 +4,7 @@
 //! configuration. This crate translates containerd's world; it holds no policy.
 
 pub mod cgroup;
+pub mod content;
 pub mod options;
 pub mod seccomp;
 pub mod service;

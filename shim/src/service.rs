@@ -31,6 +31,7 @@ use bulwark_runtime::policy::{Access, Policy, Request};
 use bulwark_runtime::run::Preopen;
 
 use crate::cgroup::{Cgroup, Resources};
+use crate::content::{IMAGE_NAME, fetch_wasm_layer};
 use crate::options::config_path_from_options;
 use crate::spec::{ContainerSpec, SpecError};
 use crate::workload::{LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
@@ -42,6 +43,7 @@ pub const CACHE_DIR_ENV: &str = "BULWARK_CACHE_DIR";
 pub struct BulwarkShim {
     exit: Arc<ExitSignal>,
     namespace: String,
+    containerd_address: String,
 }
 
 impl containerd_shim::Shim for BulwarkShim {
@@ -51,6 +53,7 @@ impl containerd_shim::Shim for BulwarkShim {
         BulwarkShim {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
+            containerd_address: args.address.clone(),
         }
     }
 
@@ -80,7 +83,12 @@ impl containerd_shim::Shim for BulwarkShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        TaskService::new(self.namespace.clone(), publisher, self.exit.clone())
+        TaskService::new(
+            self.namespace.clone(),
+            self.containerd_address.clone(),
+            publisher,
+            self.exit.clone(),
+        )
     }
 }
 
@@ -133,6 +141,7 @@ struct State {
 /// The ttrpc task service of one shim process.
 pub struct TaskService {
     namespace: String,
+    containerd_address: String,
     publisher: Arc<Mutex<RemotePublisher>>,
     state: Arc<(Mutex<State>, Condvar)>,
     shutdown: Arc<ExitSignal>,
@@ -160,6 +169,7 @@ fn timestamp(at: std::time::SystemTime) -> Timestamp {
 impl TaskService {
     fn new(
         namespace: String,
+        containerd_address: String,
         publisher: RemotePublisher,
         shutdown: Arc<ExitSignal>,
     ) -> TaskService {
@@ -172,6 +182,7 @@ impl TaskService {
         ));
         let service = TaskService {
             namespace,
+            containerd_address,
             publisher: Arc::new(Mutex::new(publisher)),
             state,
             shutdown,
@@ -293,9 +304,23 @@ impl TaskService {
         let entrypoint = spec.args.first().ok_or(
             "the container has no entrypoint: set command to the wasm file, e.g. [\"/app.wasm\"]",
         )?;
-        let (module, _) = spec
-            .host_path(&rootfs, entrypoint)
-            .map_err(|SpecError(e)| format!("entrypoint {entrypoint}: {e}"))?;
+        let module = match spec.host_path(&rootfs, entrypoint) {
+            Ok((path, _)) if path.is_file() => path,
+            in_rootfs => {
+                // No such file in a rootfs: the image may be a Wasm artifact, whose module
+                // is a layer in containerd's content store rather than a file.
+                let not_found = || match &in_rootfs {
+                    Err(SpecError(e)) => format!("entrypoint {entrypoint}: {e}"),
+                    Ok(_) => format!("entrypoint {entrypoint} is not a file"),
+                };
+                let image = spec.annotations.get(IMAGE_NAME).ok_or_else(not_found)?;
+                let dest = bundle.join("bulwark-module.wasm");
+                if !fetch_wasm_layer(&self.containerd_address, &self.namespace, image, &dest)? {
+                    return Err(not_found());
+                }
+                dest
+            }
+        };
         check_module(&module, entrypoint, &policy)?;
         let mut preopens = Vec::new();
         for grant in &policy.dirs {
@@ -681,6 +706,7 @@ impl containerd_shim::Task for TaskService {
         } = &container.kind
         {
             let _ = std::fs::remove_file(plan_path);
+            let _ = std::fs::remove_file(container.bundle.join("bulwark-module.wasm"));
             if let Some(cgroup) = cgroup
                 && let Err(err) = cgroup.remove()
             {

@@ -1,0 +1,118 @@
+//! OCI Wasm artifacts from containerd's content store. containerd (>= 1.7.7) pulls an
+//! artifact without unpacking a rootfs; the module is the image's `application/wasm`
+//! layer, which the shim reads through containerd's own API (Images, Content), so it
+//! works wherever containerd keeps its root.
+
+use std::io::Write;
+use std::path::Path;
+
+use containerd_client::services::v1::{GetImageRequest, ReadContentRequest};
+use containerd_client::tonic::Request;
+use containerd_client::{Client, with_namespace};
+
+use bulwark_runtime::image::{INDEX_MEDIA_TYPE, Manifest};
+
+/// CRI's annotation with the container's image name.
+pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+
+/// Most bytes read for a manifest or index: they are small JSON documents.
+const MAX_DOCUMENT: usize = 4 << 20;
+
+/// Writes the Wasm layer of `image` to `dest`. `Ok(false)` when the image is not a Wasm
+/// artifact (an ordinary image keeps its module in the rootfs).
+pub fn fetch_wasm_layer(
+    containerd: &str,
+    namespace: &str,
+    image: &str,
+    dest: &Path,
+) -> Result<bool, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(fetch(containerd, namespace, image, dest))
+}
+
+async fn fetch(containerd: &str, namespace: &str, image: &str, dest: &Path) -> Result<bool, String> {
+    let client = Client::from_path(containerd)
+        .await
+        .map_err(|e| format!("cannot reach containerd at {containerd}: {e}"))?;
+    let request = with_namespace!(
+        GetImageRequest {
+            name: image.to_owned()
+        },
+        namespace
+    );
+    let target = client
+        .images()
+        .get(request)
+        .await
+        .map_err(|e| format!("image {image}: {}", e.message()))?
+        .into_inner()
+        .image
+        .and_then(|image| image.target)
+        .ok_or_else(|| format!("image {image} has no target"))?;
+    let mut manifest_digest = target.digest.clone();
+    if target.media_type == INDEX_MEDIA_TYPE
+        || target.media_type == "application/vnd.docker.distribution.manifest.list.v2+json"
+    {
+        let index = read(&client, namespace, &target.digest, MAX_DOCUMENT).await?;
+        let index: serde_json::Value =
+            serde_json::from_slice(&index).map_err(|e| format!("image {image}: malformed index: {e}"))?;
+        // A Wasm artifact's index names the wasm platform; take it, else the first entry.
+        let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+        let chosen = manifests
+            .iter()
+            .find(|m| m["platform"]["architecture"] == "wasm")
+            .or(manifests.first())
+            .and_then(|m| m["digest"].as_str())
+            .ok_or_else(|| format!("image {image}: empty index"))?;
+        manifest_digest = chosen.to_owned();
+    }
+    let manifest = read(&client, namespace, &manifest_digest, MAX_DOCUMENT).await?;
+    let manifest = Manifest::parse(&manifest).map_err(|e| format!("image {image}: {e}"))?;
+    if !manifest.is_wasm_artifact() {
+        return Ok(false);
+    }
+    let layer = manifest
+        .wasm_layers()
+        .next()
+        .ok_or_else(|| format!("image {image}: a Wasm artifact without an application/wasm layer"))?;
+    let bytes = read(&client, namespace, &layer.digest, usize::MAX).await?;
+    if bulwark_runtime::image::digest(&bytes) != layer.digest {
+        return Err(format!("image {image}: layer {} does not match its digest", layer.digest));
+    }
+    let mut file = std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    file.write_all(&bytes)
+        .map_err(|e| format!("{}: {e}", dest.display()))?;
+    Ok(true)
+}
+
+async fn read(client: &Client, namespace: &str, digest: &str, limit: usize) -> Result<Vec<u8>, String> {
+    let request = with_namespace!(
+        ReadContentRequest {
+            digest: digest.to_owned(),
+            offset: 0,
+            size: 0,
+        },
+        namespace
+    );
+    let mut stream = client
+        .content()
+        .read(request)
+        .await
+        .map_err(|e| format!("content {digest}: {}", e.message()))?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|e| format!("content {digest}: {}", e.message()))?
+    {
+        bytes.extend_from_slice(&chunk.data);
+        if bytes.len() > limit {
+            return Err(format!("content {digest} is larger than {limit} bytes"));
+        }
+    }
+    Ok(bytes)
+}
