@@ -1,0 +1,237 @@
+//! Cgroups that containers of a test leave behind, found in every hierarchy and removed.
+//!
+//! Tests give containerd RELATIVE cgroup parents: runc nests a relative cgroup path under its
+//! caller's own cgroup in each hierarchy (this machine's processes live in a memory cgroup of
+//! their own), so nothing is created outside the test's subtree. runc removes a container's
+//! own cgroup when the container is deleted; the parents (kubelet's pod cgroups) are left for
+//! the harness to remove, as kubelet would.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// One mounted cgroup hierarchy and this process's cgroup in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    /// Where the hierarchy is mounted, such as `/sys/fs/cgroup/memory`.
+    pub mount_point: PathBuf,
+    /// Its controllers as `/proc/self/cgroup` names them (`memory`, `cpu,cpuacct`, empty for
+    /// cgroup v2).
+    pub controllers: String,
+    /// The directory of this process's own cgroup in it.
+    pub own_dir: PathBuf,
+}
+
+/// Every cgroup hierarchy this process belongs to that is mounted in its mount namespace.
+pub fn hierarchies() -> Result<Vec<Hierarchy>> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("cannot read mountinfo")?;
+    let own = fs::read_to_string("/proc/self/cgroup").context("cannot read /proc/self/cgroup")?;
+    let mounts: Vec<CgroupMount> = mountinfo.lines().filter_map(CgroupMount::parse).collect();
+    let mut found = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let mount = if id == "0" {
+            mounts.iter().find(|m| m.version2)
+        } else {
+            let wanted: Vec<&str> = controllers.split(',').collect();
+            mounts
+                .iter()
+                .find(|m| !m.version2 && wanted.iter().all(|c| m.options.iter().any(|o| o == c)))
+        };
+        let Some(mount) = mount else { continue };
+        let inside = Path::new(path)
+            .strip_prefix(&mount.root)
+            .unwrap_or(Path::new(path).strip_prefix("/").unwrap_or(Path::new(path)));
+        found.push(Hierarchy {
+            mount_point: mount.mount_point.clone(),
+            controllers: controllers.to_string(),
+            own_dir: mount.mount_point.join(inside),
+        });
+    }
+    Ok(found)
+}
+
+/// The directories of cgroup `path` in every hierarchy, existing or not.
+///
+/// A relative `path` is taken below this process's own cgroup (as runc does), an absolute one
+/// from the hierarchy's root.
+pub fn dirs_of(path: &str) -> Result<Vec<PathBuf>> {
+    Ok(hierarchies()?
+        .into_iter()
+        .map(|h| match path.strip_prefix('/') {
+            Some(absolute) => h.mount_point.join(absolute),
+            None => h.own_dir.join(path),
+        })
+        .collect())
+}
+
+/// The memory limit of cgroup `path` (see [`dirs_of`]) in bytes: `memory.max` on cgroup v2,
+/// `memory.limit_in_bytes` on v1. `None` when unlimited.
+pub fn memory_limit(path: &str) -> Result<Option<u64>> {
+    for dir in dirs_of(path)? {
+        for file in ["memory.max", "memory.limit_in_bytes"] {
+            let Ok(text) = fs::read_to_string(dir.join(file)) else {
+                continue;
+            };
+            let text = text.trim();
+            if text == "max" {
+                return Ok(None);
+            }
+            let bytes: u64 = text
+                .parse()
+                .with_context(|| format!("{}/{file} holds {text:?}", dir.display()))?;
+            // cgroup v1 reports "unlimited" as the largest page-aligned i64.
+            let unlimited = (i64::MAX as u64) & !0xfff;
+            return Ok((bytes < unlimited).then_some(bytes));
+        }
+    }
+    bail!("cgroup {path} has no memory controller file")
+}
+
+/// Removes cgroup `path` (see [`dirs_of`]) and every cgroup below it, in every hierarchy.
+///
+/// For a relative `path` of several components (`a/b/c`), the parents `a/b` and `a` are then
+/// removed too when they are empty. A cgroup that still holds a process cannot be removed: the
+/// call waits a little for exiting processes, then reports what is left.
+pub fn remove(path: &str) -> Result<()> {
+    let path = path.trim_end_matches('/');
+    if path.is_empty() || path == "/" || path.split('/').any(|c| c == "..") {
+        bail!("refusing to remove cgroup {path:?}");
+    }
+    let mut left = Vec::new();
+    for hierarchy in hierarchies()? {
+        let base = match path.strip_prefix('/') {
+            Some(absolute) => hierarchy.mount_point.join(absolute),
+            None => hierarchy.own_dir.join(path),
+        };
+        if let Err(err) = remove_tree(&base) {
+            left.push(format!("{}: {err:#}", base.display()));
+            continue;
+        }
+        if !path.starts_with('/') {
+            let mut parent = base.parent();
+            while let Some(dir) = parent.filter(|d| d.starts_with(&hierarchy.own_dir)) {
+                if dir == hierarchy.own_dir || fs::remove_dir(dir).is_err() {
+                    break;
+                }
+                parent = dir.parent();
+            }
+        }
+    }
+    if left.is_empty() {
+        Ok(())
+    } else {
+        bail!("cgroups left behind: {}", left.join("; "))
+    }
+}
+
+/// Removes the cgroup directory `dir` and the cgroups below it, children first. A missing
+/// `dir` is fine.
+fn remove_tree(dir: &Path) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_tree(&entry.path())?;
+        }
+    }
+    // A cgroup whose last process is exiting is busy for a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(err) if Instant::now() < deadline && err.raw_os_error() == Some(libc::EBUSY) => {
+                sleep(Duration::from_millis(50));
+            }
+            Err(err) => {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                return Err(err).with_context(|| {
+                    format!(
+                        "cannot remove {} (processes: {})",
+                        dir.display(),
+                        procs.split_whitespace().collect::<Vec<_>>().join(" ")
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// A cgroup filesystem's line of `/proc/self/mountinfo`.
+struct CgroupMount {
+    root: PathBuf,
+    mount_point: PathBuf,
+    version2: bool,
+    /// Its super options: `rw`, the controllers, `name=systemd`, ...
+    options: Vec<String>,
+}
+
+impl CgroupMount {
+    fn parse(line: &str) -> Option<Self> {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let separator = fields.iter().position(|f| *f == "-")?;
+        let fstype = *fields.get(separator + 1)?;
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            return None;
+        }
+        Some(Self {
+            root: PathBuf::from(fields.get(3)?),
+            mount_point: PathBuf::from(fields.get(4)?),
+            version2: fstype == "cgroup2",
+            options: fields
+                .get(separator + 3)?
+                .split(',')
+                .map(str::to_string)
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_this_process_in_every_hierarchy() {
+        let found = hierarchies().unwrap();
+        assert!(!found.is_empty());
+        for h in &found {
+            assert!(h.own_dir.is_dir(), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_dangerous_paths() {
+        assert!(remove("").is_err());
+        assert!(remove("/").is_err());
+        assert!(remove("a/../..").is_err());
+    }
+
+    #[test]
+    fn removes_a_relative_tree() {
+        let name = format!("bulwark-cgroup-test-{}", std::process::id());
+        let dirs = dirs_of(&format!("{name}/pod/leaf")).unwrap();
+        let made: Vec<_> = dirs
+            .iter()
+            .filter(|d| fs::create_dir_all(d).is_ok())
+            .collect();
+        assert!(!made.is_empty());
+        remove(&format!("{name}/pod")).unwrap();
+        for dir in dirs_of(&name).unwrap() {
+            assert!(!dir.exists(), "{} is left", dir.display());
+        }
+    }
+}

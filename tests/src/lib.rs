@@ -1,0 +1,63 @@
+//! Bulwark's integration-test support.
+//!
+//! [`harness`] runs the real components a Kubernetes node has, privately and on this machine
+//! only: a container registry ([`harness::registry`]), OCI images built without Docker
+//! ([`harness::images`]), a containerd of a chosen version with its own root, state and sockets
+//! ([`harness::containerd`]), and a CRI client that drives it the way kubelet does
+//! ([`harness::cri`]). Everything the harness starts is stopped by PID, and every mount,
+//! cgroup and temporary directory it makes is removed when its owner is dropped, also when a
+//! test fails half-way.
+
+#![warn(missing_docs)]
+
+use std::path::PathBuf;
+
+pub mod harness {
+    //! The pieces of a private node: see the crate documentation.
+
+    pub mod cgroups;
+    pub mod containerd;
+    pub mod cri;
+    pub mod images;
+    pub mod mounts;
+    pub mod process;
+    pub mod registry;
+}
+
+/// The workspace's root directory (the one with the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or(manifest_dir)
+}
+
+/// The workspace's `build/` directory, where downloaded and generated artifacts go.
+pub fn build_dir() -> PathBuf {
+    workspace_root().join("build")
+}
+
+/// Runs an async operation to completion on a runtime of its own, on a thread of its own.
+///
+/// The synchronous parts of the harness (a constructor waiting for a server, a `Drop` tidying
+/// up) need to talk gRPC, and they may be called both from plain code and from inside a Tokio
+/// runtime (where `block_on` would panic): a fresh thread works in both places.
+pub(crate) fn block_on_thread<F, Fut, T>(make: F) -> anyhow::Result<T>
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = anyhow::Result<T>>,
+    T: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(make())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the async helper thread panicked")))
+    })
+}
