@@ -16,7 +16,8 @@ BULWARK    := $(BIN)/bulwark
 # The C guests that also exist as WASI preview 2 command components.
 COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 
-APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt
+APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
+	containerd runc docker-registry skopeo busybox-static protobuf-compiler
 
 .PHONY: all build guests components deps demo test bench lint clean
 

@@ -33,7 +33,12 @@ pub fn fetch_wasm_layer(
     runtime.block_on(fetch(containerd, namespace, image, dest))
 }
 
-async fn fetch(containerd: &str, namespace: &str, image: &str, dest: &Path) -> Result<bool, String> {
+async fn fetch(
+    containerd: &str,
+    namespace: &str,
+    image: &str,
+    dest: &Path,
+) -> Result<bool, String> {
     let client = Client::from_path(containerd)
         .await
         .map_err(|e| format!("cannot reach containerd at {containerd}: {e}"))?;
@@ -57,8 +62,8 @@ async fn fetch(containerd: &str, namespace: &str, image: &str, dest: &Path) -> R
         || target.media_type == "application/vnd.docker.distribution.manifest.list.v2+json"
     {
         let index = read(&client, namespace, &target.digest, MAX_DOCUMENT).await?;
-        let index: serde_json::Value =
-            serde_json::from_slice(&index).map_err(|e| format!("image {image}: malformed index: {e}"))?;
+        let index: serde_json::Value = serde_json::from_slice(&index)
+            .map_err(|e| format!("image {image}: malformed index: {e}"))?;
         // A Wasm artifact's index names the wasm platform; take it, else the first entry.
         let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
         let chosen = manifests
@@ -74,13 +79,15 @@ async fn fetch(containerd: &str, namespace: &str, image: &str, dest: &Path) -> R
     if !manifest.is_wasm_artifact() {
         return Ok(false);
     }
-    let layer = manifest
-        .wasm_layers()
-        .next()
-        .ok_or_else(|| format!("image {image}: a Wasm artifact without an application/wasm layer"))?;
+    let layer = manifest.wasm_layers().next().ok_or_else(|| {
+        format!("image {image}: a Wasm artifact without an application/wasm layer")
+    })?;
     let bytes = read(&client, namespace, &layer.digest, usize::MAX).await?;
     if bulwark_runtime::image::digest(&bytes) != layer.digest {
-        return Err(format!("image {image}: layer {} does not match its digest", layer.digest));
+        return Err(format!(
+            "image {image}: layer {} does not match its digest",
+            layer.digest
+        ));
     }
     let mut file = std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     file.write_all(&bytes)
@@ -88,7 +95,12 @@ async fn fetch(containerd: &str, namespace: &str, image: &str, dest: &Path) -> R
     Ok(true)
 }
 
-async fn read(client: &Client, namespace: &str, digest: &str, limit: usize) -> Result<Vec<u8>, String> {
+async fn read(
+    client: &Client,
+    namespace: &str,
+    digest: &str,
+    limit: usize,
+) -> Result<Vec<u8>, String> {
     let request = with_namespace!(
         ReadContentRequest {
             digest: digest.to_owned(),

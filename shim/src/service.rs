@@ -44,6 +44,7 @@ pub struct BulwarkShim {
     exit: Arc<ExitSignal>,
     namespace: String,
     containerd_address: String,
+    socket: String,
 }
 
 impl containerd_shim::Shim for BulwarkShim {
@@ -54,6 +55,7 @@ impl containerd_shim::Shim for BulwarkShim {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
             containerd_address: args.address.clone(),
+            socket: args.socket.clone(),
         }
     }
 
@@ -80,6 +82,11 @@ impl containerd_shim::Shim for BulwarkShim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // containerd-shim removes the socket by reading the `address` file in the bundle,
+        // which containerd may already have deleted with the sandbox: remove it here.
+        if let Some(path) = self.socket.strip_prefix("unix://") {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
@@ -309,9 +316,11 @@ impl TaskService {
             in_rootfs => {
                 // No such file in a rootfs: the image may be a Wasm artifact, whose module
                 // is a layer in containerd's content store rather than a file.
-                let not_found = || match &in_rootfs {
-                    Err(SpecError(e)) => format!("entrypoint {entrypoint}: {e}"),
-                    Ok(_) => format!("entrypoint {entrypoint} is not a file"),
+                let not_found = || {
+                    log::info!("entrypoint {entrypoint}: {in_rootfs:?}");
+                    format!(
+                        "entrypoint {entrypoint}: no such file in the container image (the entrypoint names the .wasm file to run, e.g. /app.wasm)"
+                    )
                 };
                 let image = spec.annotations.get(IMAGE_NAME).ok_or_else(not_found)?;
                 let dest = bundle.join("bulwark-module.wasm");

@@ -150,6 +150,8 @@ pub struct ContainerdOptions {
     pub log_level: String,
     /// Directories to put on containerd's PATH before the binary's own and the inherited one.
     pub extra_path: Vec<PathBuf>,
+    /// Environment for containerd, which its shims inherit.
+    pub env: Vec<(String, String)>,
 }
 
 impl ContainerdOptions {
@@ -162,6 +164,7 @@ impl ContainerdOptions {
             runtime_handlers: Vec::new(),
             log_level: "info".into(),
             extra_path: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -174,6 +177,12 @@ impl ContainerdOptions {
     /// Adds a runtime handler.
     pub fn handler(mut self, handler: RuntimeHandler) -> Self {
         self.runtime_handlers.push(handler);
+        self
+    }
+
+    /// Sets an environment variable for containerd and its shims.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((name.into(), value.into()));
         self
     }
 }
@@ -315,7 +324,8 @@ impl Containerd {
             Command::new(&opts.binary)
                 .arg("--config")
                 .arg(&paths.config)
-                .env("PATH", std::env::join_paths(path_var)?),
+                .env("PATH", std::env::join_paths(path_var)?)
+                .envs(opts.env.iter().map(|(k, v)| (k, v))),
             &paths.log,
         )?;
         let mut containerd = Self {
@@ -760,6 +770,7 @@ mod tests {
             ],
             log_level: "info".into(),
             extra_path: Vec::new(),
+            env: Vec::new(),
         }
     }
 

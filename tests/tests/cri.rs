@@ -1,0 +1,589 @@
+//! Bulwark through CRI, the way kubelet drives it: a private containerd (Debian's 1.6.20,
+//! and 1.7.24 for OCI Wasm artifacts), a local registry, the `bulwark` handler with its
+//! `pod_annotations` allow-list and node configuration, real pods.
+//!
+//! Run with `make test` (as root; guests from `make guests`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use bulwark_tests::harness::cgroups;
+use bulwark_tests::harness::containerd::{self, Containerd, ContainerdOptions, RuntimeHandler};
+use bulwark_tests::harness::cri::{ContainerExit, ContainerSpec, Cri, LogStream, PodSpec};
+use bulwark_tests::harness::images::push_test_images;
+use bulwark_tests::harness::mounts::mounts_under;
+use bulwark_tests::harness::registry::Registry;
+use tokio::sync::Mutex;
+
+/// One containerd at a time: they share /run/containerd/s and the machine's 2 cores.
+static ONE_CONTAINERD: Mutex<()> = Mutex::const_new(());
+
+const NODE_CONFIG: &str = r#"
+[defaults]
+memory = "128Mi"
+[ceilings]
+memory = "256Mi"
+fuel = 100000000000
+timeout = "5m"
+[capabilities]
+allow_native = false
+allow_network = false
+"#;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn shim_binary() -> PathBuf {
+    let path = workspace().join("target/release/containerd-shim-bulwark-v1");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make build`",
+        path.display()
+    );
+    path
+}
+
+fn guest_bytes(name: &str) -> Vec<u8> {
+    let path = workspace().join(format!("build/guests/{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run `make guests`)", path.display()))
+}
+
+/// A node: registry with the pause, busybox and guest images, and containerd with the
+/// `bulwark` handler.
+struct Node {
+    cri: Cri,
+    containerd: Containerd,
+    registry: Registry,
+    busybox: String,
+    temp: tempfile::TempDir,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Layer,
+    Artifact,
+}
+
+impl Node {
+    async fn start(containerd_binary: PathBuf) -> Result<Node> {
+        let temp = tempfile::tempdir()?;
+        let config = temp.path().join("config.toml");
+        std::fs::write(&config, NODE_CONFIG)?;
+        let registry = Registry::start()?;
+        let images = push_test_images(&registry)?;
+        let containerd = Containerd::start(
+            ContainerdOptions::new(&registry, images.pause.clone())
+                .binary(containerd_binary)
+                .env(
+                    "BULWARK_CACHE_DIR",
+                    temp.path().join("cache").display().to_string(),
+                )
+                .handler(
+                    RuntimeHandler::new("bulwark", shim_binary().display().to_string())
+                        .pod_annotation("bulwark.dev/*")
+                        .option_str("ConfigPath", &config.display().to_string()),
+                ),
+        )?;
+        let cri = containerd.cri().await?;
+        Ok(Node {
+            cri,
+            containerd,
+            registry,
+            busybox: images.busybox,
+            temp,
+        })
+    }
+
+    /// Pushes a guest in a format and returns its reference.
+    fn push_guest(&self, name: &str, format: Format) -> Result<String> {
+        use bulwark_runtime::image;
+        let wasm = guest_bytes(name);
+        let (built, repo) = match format {
+            Format::Layer => (image::wasm_in_layer(&wasm)?, format!("guest-{name}")),
+            Format::Artifact => (image::wasm_artifact(&wasm)?, format!("artifact-{name}")),
+        };
+        let layout = self.temp.path().join(format!("layout-{repo}"));
+        let repo = format!("{repo}:v1");
+        image::write_layout(&layout, &[(&repo, &built)])?;
+        self.registry.push_oci_layout(&layout, "v1", &repo)
+    }
+
+    /// Runs one container in a new `bulwark` pod to its end and tears the pod down.
+    async fn run(&self, pod: PodSpec, container: ContainerSpec) -> Result<Finished> {
+        let pod = pod.runtime_handler("bulwark");
+        self.cri.pull(&container.image).await?;
+        let pod_id = self.cri.run_pod(&pod).await?;
+        let result = async {
+            let id = self.cri.create_container(&pod_id, &pod, &container).await?;
+            self.cri.start_container(&id).await?;
+            let exit = self.cri.wait_exited(&id, Duration::from_secs(60)).await?;
+            let log = self.cri.read_container_log(&id).await?;
+            self.cri.remove_container(&id).await?;
+            Ok(Finished {
+                exit,
+                stdout: log
+                    .iter()
+                    .filter(|line| line.stream == LogStream::Stdout)
+                    .map(|line| format!("{}\n", line.text))
+                    .collect(),
+                stderr: log
+                    .iter()
+                    .filter(|line| line.stream == LogStream::Stderr)
+                    .map(|line| format!("{}\n", line.text))
+                    .collect(),
+            })
+        }
+        .await;
+        self.cri.stop_pod(&pod_id).await?;
+        self.cri.remove_pod(&pod_id).await?;
+        result
+    }
+
+    /// Creates and starts a container in a new pod, expecting the start to be refused.
+    async fn refused(&self, pod: PodSpec, container: ContainerSpec) -> Result<String> {
+        let pod = pod.runtime_handler("bulwark");
+        self.cri.pull(&container.image).await?;
+        let pod_id = self.cri.run_pod(&pod).await?;
+        let outcome = async {
+            let id = self.cri.create_container(&pod_id, &pod, &container).await?;
+            let start = self.cri.start_container(&id).await;
+            self.cri.remove_container(&id).await?;
+            match start {
+                Ok(()) => bail!("the container started"),
+                Err(error) => Ok(format!("{error:#}")),
+            }
+        }
+        .await;
+        self.cri.stop_pod(&pod_id).await?;
+        self.cri.remove_pod(&pod_id).await?;
+        outcome
+    }
+
+    /// Nothing of Bulwark's is left: shims, sockets, mounts, cgroups.
+    async fn assert_clean(&self) -> Result<()> {
+        let mut shims = self.containerd.shim_pids();
+        for _ in 0..50 {
+            if shims.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            shims = self.containerd.shim_pids();
+        }
+        ensure!(shims.is_empty(), "shims still running: {shims:?}");
+        let sockets = self.containerd.new_shim_sockets();
+        ensure!(sockets.is_empty(), "shim sockets left: {sockets:?}");
+        let base = self.containerd.root().parent().context("no parent")?;
+        let mounts = mounts_under(base)?;
+        ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
+        // Pod and container cgroups live below the node's cgroup root; none may be left.
+        let mut left = Vec::new();
+        for root in cgroups::dirs_of(self.containerd.cgroup_root())? {
+            if let Ok(entries) = std::fs::read_dir(&root) {
+                left.extend(
+                    entries
+                        .flatten()
+                        .filter(|entry| entry.path().is_dir())
+                        .map(|entry| entry.path()),
+                );
+            }
+        }
+        ensure!(left.is_empty(), "cgroups left: {left:?}");
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<()> {
+        self.assert_clean().await?;
+        self.containerd.stop()
+    }
+}
+
+struct Finished {
+    exit: ContainerExit,
+    stdout: String,
+    stderr: String,
+}
+
+fn pod(name: &str) -> PodSpec {
+    PodSpec::new(name)
+}
+
+fn annotated(name: &str, annotations: &[(&str, &str)]) -> PodSpec {
+    annotations
+        .iter()
+        .fold(PodSpec::new(name), |pod, (key, value)| {
+            pod.annotation(*key, *value)
+        })
+}
+
+async fn system_node() -> Result<Node> {
+    Node::start(PathBuf::from(containerd::SYSTEM_CONTAINERD)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasm_pod_runs_and_its_output_reaches_the_log() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = system_node().await?;
+    let hello = node.push_guest("hello", Format::Layer)?;
+    let done = node
+        .run(pod("hello"), ContainerSpec::new("hello", hello))
+        .await?;
+    assert_eq!(done.exit.exit_code, 0, "{}", done.stderr);
+    assert_eq!(done.exit.reason, "Completed");
+    assert_eq!(done.stdout, "hello from bulwark\n");
+
+    // args, env, and the env allow-list from a pod annotation.
+    let echo = node.push_guest("echo", Format::Layer)?;
+    let container = ContainerSpec::new("echo", echo.clone())
+        .args(["one", "two words"])
+        .env("MODE", "fast")
+        .env("SECRET", "hidden");
+    let done = node.run(pod("echo"), container.clone()).await?;
+    assert_eq!(done.exit.exit_code, 0, "{}", done.stderr);
+    assert!(
+        done.stdout
+            .starts_with("arg[0]=/app.wasm\narg[1]=one\narg[2]=two words\n"),
+        "{}",
+        done.stdout
+    );
+    assert!(done.stdout.contains("env:MODE=fast\n") && done.stdout.contains("env:SECRET=hidden\n"));
+    let done = node
+        .run(
+            annotated("echo-allow", &[("bulwark.dev/env", "MODE")]),
+            container,
+        )
+        .await?;
+    assert!(done.stdout.contains("env:MODE=fast\n"), "{}", done.stdout);
+    assert!(!done.stdout.contains("SECRET"), "{}", done.stdout);
+    assert!(
+        !done.stdout.contains("PATH="),
+        "the runtime's env leaked: {}",
+        done.stdout
+    );
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_fire_with_their_exit_code_and_reason() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = system_node().await?;
+    let looping = node.push_guest("loop", Format::Layer)?;
+    let membomb = node.push_guest("membomb", Format::Layer)?;
+    let stack = node.push_guest("stack", Format::Layer)?;
+    let cases = [
+        (
+            "fuel",
+            &looping,
+            vec![("bulwark.dev/fuel", "1000000")],
+            152,
+            "fuel exhausted after 1000000 units (bulwark.dev/fuel)",
+        ),
+        (
+            "timeout",
+            &looping,
+            vec![("bulwark.dev/timeout", "300ms")],
+            124,
+            "deadline of 300ms exceeded (bulwark.dev/timeout)",
+        ),
+        (
+            "memory",
+            &membomb,
+            vec![("bulwark.dev/memory", "16Mi")],
+            137,
+            "memory limit of 16Mi reached (bulwark.dev/memory)",
+        ),
+        // No annotation: the node's default memory (128Mi) holds.
+        (
+            "default-memory",
+            &membomb,
+            vec![],
+            137,
+            "memory limit of 128Mi reached (node default)",
+        ),
+        (
+            "trap",
+            &stack,
+            vec![],
+            134,
+            "trapped: wasm trap: call stack exhausted",
+        ),
+    ];
+    for (name, image, annotations, code, reason) in cases {
+        let done = node
+            .run(
+                annotated(name, &annotations),
+                ContainerSpec::new(name, image.clone()),
+            )
+            .await?;
+        assert_eq!(done.exit.exit_code, code, "{name}: {}", done.stderr);
+        assert!(
+            done.stderr.contains(&format!("bulwark: {reason}")),
+            "{name}: {}",
+            done.stderr
+        );
+        // kubelet reads the termination-message file: `kubectl describe` shows the reason.
+        assert!(
+            done.exit.termination_message.starts_with(reason),
+            "{name}: termination message {:?}",
+            done.exit.termination_message
+        );
+        assert_eq!(done.exit.reason, "Error", "{name}");
+    }
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_annotations_and_native_entrypoints_never_start() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = system_node().await?;
+    let hello = node.push_guest("hello", Format::Layer)?;
+    let cases = [
+        (
+            vec![("bulwark.dev/memory", "2Gi")],
+            "bulwark.dev/memory: \"2Gi\" is above this node's ceiling of 256Mi",
+        ),
+        (
+            vec![("bulwark.dev/memroy", "64Mi")],
+            "unknown annotation \"bulwark.dev/memroy\"",
+        ),
+        (
+            vec![("bulwark.dev/fuel", "lots")],
+            "bulwark.dev/fuel: \"lots\" is malformed",
+        ),
+        (
+            vec![("bulwark.dev/network", "tcp:10.0.0.1:80")],
+            "allow_network = false",
+        ),
+        (
+            vec![("bulwark.dev/dirs", "/nonexistent:ro")],
+            "bulwark.dev/dirs: /nonexistent",
+        ),
+    ];
+    for (annotations, message) in cases {
+        let error = node
+            .refused(
+                annotated("bad", &annotations),
+                ContainerSpec::new("bad", hello.clone()),
+            )
+            .await?
+            .replace("\\\"", "\"");
+        assert!(error.contains(message), "{annotations:?}: {error}");
+    }
+    // A native program is not Wasm and this node does not allow native containers.
+    let busybox = ContainerSpec::new("native", node.busybox.clone()).command([
+        "/bin/busybox",
+        "echo",
+        "escaped",
+    ]);
+    let error = node.refused(pod("native"), busybox).await?;
+    assert!(error.contains("native executable"), "{error}");
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_preopened_read_only_unless_granted() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = system_node().await?;
+    let fileio = node.push_guest("fileio", Format::Layer)?;
+    let volume = node.temp.path().join("volume");
+    std::fs::create_dir(&volume)?;
+    std::fs::write(volume.join("input.txt"), "from the volume\n")?;
+    let reader = ContainerSpec::new("reader", fileio.clone())
+        .args(["read", "/data/input.txt"])
+        .mount(&volume, "/data", false);
+    let done = node
+        .run(
+            annotated("read", &[("bulwark.dev/dirs", "/data")]),
+            reader.clone(),
+        )
+        .await?;
+    assert_eq!(
+        (done.exit.exit_code, done.stdout.as_str()),
+        (0, "from the volume\n"),
+        "{}",
+        done.stderr
+    );
+
+    // Not granted: the guest cannot see the volume at all.
+    let done = node.run(pod("ungranted"), reader).await?;
+    assert_eq!(done.exit.exit_code, 1, "{}", done.stdout);
+
+    let writer = ContainerSpec::new("writer", fileio.clone())
+        .args(["write", "/data/input.txt", "changed"])
+        .mount(&volume, "/data", false);
+    let done = node
+        .run(
+            annotated("ro", &[("bulwark.dev/dirs", "/data:ro")]),
+            writer.clone(),
+        )
+        .await?;
+    assert_eq!(done.exit.exit_code, 1, "{}", done.stdout);
+    assert_eq!(
+        std::fs::read_to_string(volume.join("input.txt"))?,
+        "from the volume\n"
+    );
+    let done = node
+        .run(annotated("rw", &[("bulwark.dev/dirs", "/data:rw")]), writer)
+        .await?;
+    assert_eq!(done.exit.exit_code, 0, "{}", done.stderr);
+    assert_eq!(
+        std::fs::read_to_string(volume.join("input.txt"))?,
+        "changed"
+    );
+
+    // A volume mounted read-only stays read-only, whatever the annotation asks.
+    let read_only = ContainerSpec::new("ro-mount", fileio)
+        .args(["write", "/data/input.txt", "again"])
+        .mount(&volume, "/data", true);
+    let error = node
+        .refused(
+            annotated("ro-mount", &[("bulwark.dev/dirs", "/data:rw")]),
+            read_only,
+        )
+        .await?;
+    assert!(error.contains("mounted read-only"), "{error}");
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_containers_share_one_shim_and_twenty_pods_run_at_once() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = system_node().await?;
+    let hello = node.push_guest("hello", Format::Layer)?;
+    let sleep = node.push_guest("sleep", Format::Layer)?;
+    node.cri.pull(&hello).await?;
+    node.cri.pull(&sleep).await?;
+
+    // Two containers in one pod: one shim process serves both.
+    let pair = PodSpec::new("pair").runtime_handler("bulwark");
+    let pod_id = node.cri.run_pod(&pair).await?;
+    let first = ContainerSpec::new("sleeper", sleep.clone()).args(["500"]);
+    let second = ContainerSpec::new("hello", hello.clone());
+    let first_id = node.cri.create_container(&pod_id, &pair, &first).await?;
+    let second_id = node.cri.create_container(&pod_id, &pair, &second).await?;
+    node.cri.start_container(&first_id).await?;
+    node.cri.start_container(&second_id).await?;
+    assert_eq!(node.containerd.shim_pids().len(), 1, "one shim per pod");
+    for id in [&first_id, &second_id] {
+        let exit = node.cri.wait_exited(id, Duration::from_secs(30)).await?;
+        assert_eq!(exit.exit_code, 0);
+        node.cri.remove_container(id).await?;
+    }
+    node.cri.stop_pod(&pod_id).await?;
+    node.cri.remove_pod(&pod_id).await?;
+
+    // Twenty pods at once.
+    let runs = (0..20).map(|i| {
+        let node = &node;
+        let hello = hello.clone();
+        async move {
+            node.run(
+                pod(&format!("many-{i}")),
+                ContainerSpec::new("hello", hello),
+            )
+            .await
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    for result in results {
+        let done = result?;
+        assert_eq!(
+            (done.exit.exit_code, done.stdout.as_str()),
+            (0, "hello from bulwark\n")
+        );
+    }
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_containers_stop_report_stats_and_refuse_exec() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = system_node().await?;
+    let cpu = node.push_guest("cpu", Format::Layer)?;
+    node.cri.pull(&cpu).await?;
+    let busy = PodSpec::new("busy").runtime_handler("bulwark");
+    let pod_id = node.cri.run_pod(&busy).await?;
+    let container = ContainerSpec::new("busy", cpu)
+        .args(["100000"])
+        .memory_limit(64 << 20);
+    let id = node
+        .cri
+        .create_container(&pod_id, &busy, &container)
+        .await?;
+    node.cri.start_container(&id).await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // Its cgroup holds kubelet's memory limit and its process.
+    let cgroup = format!("{}/{id}", node.cri.cgroup_parent(&busy));
+    let dirs = cgroups::dirs_of(&cgroup)?;
+    let container_dir = dirs
+        .iter()
+        .find(|dir| dir.starts_with("/sys/fs/cgroup/memory"))
+        .with_context(|| format!("no memory cgroup for {id} in {dirs:?}"))?;
+    assert_eq!(
+        std::fs::read_to_string(container_dir.join("memory.limit_in_bytes"))?.trim(),
+        (64u64 << 20).to_string()
+    );
+    let procs = std::fs::read_to_string(container_dir.join("cgroup.procs"))?;
+    assert_eq!(procs.lines().count(), 1, "{procs}");
+
+    let stats = node.cri.container_stats(&id).await?;
+    let memory = stats
+        .memory
+        .and_then(|m| m.working_set_bytes.or(m.usage_bytes))
+        .map_or(0, |v| v.value);
+    let cpu_nanos = stats
+        .cpu
+        .and_then(|c| c.usage_core_nano_seconds)
+        .map_or(0, |v| v.value);
+    assert!(memory > 0, "memory {memory}");
+    assert!(cpu_nanos > 0, "cpu {cpu_nanos}");
+
+    let exec = node
+        .cri
+        .exec_sync(&id, &["sh"], Duration::from_secs(5))
+        .await;
+    let error = format!("{:#}", exec.err().context("exec succeeded")?);
+    assert!(error.contains("exec is not supported"), "{error}");
+
+    node.cri.stop_container(&id, Duration::from_secs(5)).await?;
+    let exit = node.cri.wait_exited(&id, Duration::from_secs(10)).await?;
+    assert_eq!(exit.exit_code, 128 + 15, "SIGTERM ends a Wasm container");
+    node.cri.remove_container(&id).await?;
+    node.cri.stop_pod(&pod_id).await?;
+    node.cri.remove_pod(&pod_id).await?;
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oci_wasm_artifacts_run_on_containerd_1_7() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let binary = tokio::task::spawn_blocking(|| containerd::fetch("1.7.24")).await??;
+    let node = Node::start(binary).await?;
+    let hello = node.push_guest("hello", Format::Artifact)?;
+    // An artifact has no entrypoint: the pod names argv[0].
+    let container = ContainerSpec::new("artifact", hello).command(["hello.wasm"]);
+    let done = node.run(pod("artifact"), container).await?;
+    assert_eq!(
+        (done.exit.exit_code, done.stdout.as_str()),
+        (0, "hello from bulwark\n"),
+        "{}",
+        done.stderr
+    );
+    let looping = node.push_guest("loop", Format::Artifact)?;
+    let done = node
+        .run(
+            annotated("artifact-fuel", &[("bulwark.dev/fuel", "1000000")]),
+            ContainerSpec::new("loop", looping).command(["loop.wasm"]),
+        )
+        .await?;
+    assert_eq!(done.exit.exit_code, 152, "{}", done.stderr);
+    // The wasm-in-layer format works on 1.7 too.
+    let layered = node.push_guest("hello", Format::Layer)?;
+    let done = node
+        .run(pod("layered"), ContainerSpec::new("layered", layered))
+        .await?;
+    assert_eq!(done.exit.exit_code, 0, "{}", done.stderr);
+    node.finish().await
+}
