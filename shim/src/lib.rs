@@ -11,3 +11,19 @@ pub mod service;
 pub mod spec;
 pub mod stats;
 pub mod workload;
+
+/// Logs warnings (or what `RUST_LOG` asks for) to stderr as one `bulwark: level: message`
+/// line each: for the CLI, the user's terminal; for a workload, the container's log.
+pub fn init_stderr_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format(|buf, record| {
+            use std::io::Write;
+            writeln!(
+                buf,
+                "bulwark: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
+        })
+        .init();
+}

@@ -68,17 +68,7 @@ impl Plan {
 
 /// Runs a workload process to its end; returns its exit code.
 pub fn main(plan_path: &Path) -> i32 {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format(|buf, record| {
-            use std::io::Write;
-            writeln!(
-                buf,
-                "bulwark: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            )
-        })
-        .init();
+    crate::init_stderr_logging();
     match run(plan_path) {
         Ok(code) => code,
         Err(error) => {

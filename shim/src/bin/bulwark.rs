@@ -156,17 +156,7 @@ struct CompileArgs {
 struct InputError(String);
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format(|buf, record| {
-            use std::io::Write;
-            writeln!(
-                buf,
-                "bulwark: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            )
-        })
-        .init();
+    bulwark_shim::init_stderr_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
