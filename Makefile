@@ -1,7 +1,9 @@
 # Bulwark: build, demo, test, bench.
 #
 #   make deps    install the system packages the build and tests need (Debian, root)
-#   make demo    build, then show `bulwark run` applying a policy and its limits firing
+#   make demo    build, then run example pods through CRI on a private containerd with
+#                the shim, and show each limit firing with its reason (root)
+#   make demo-cli  the same policy with `bulwark run`, no containerd
 #   make test    build everything and run every test
 #   make bench   print the benchmark tables
 #   make lint    rustfmt and clippy, warnings as errors
@@ -19,7 +21,7 @@ COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
 	containerd runc docker-registry skopeo busybox-static protobuf-compiler
 
-.PHONY: all build guests components deps demo test bench lint clean
+.PHONY: all build guests components deps demo demo-cli test bench lint clean
 
 all: build guests
 
@@ -48,7 +50,12 @@ deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
+# The main job: a private containerd with the shim, pods through CRI, limits firing.
 demo: build guests
+	$(BIN)/bulwark-demo
+
+# The same policy on the command line, no containerd needed.
+demo-cli: build guests
 	@./images/demo.sh $(BULWARK) $(GUESTS)
 
 test: build guests components

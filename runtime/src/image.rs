@@ -148,15 +148,66 @@ pub struct Image {
     pub layers: Vec<Blob>,
 }
 
-/// A file to put into an ordinary image's layer.
-#[derive(Debug, Clone)]
-pub struct File<'a> {
-    /// Absolute path in the image.
-    pub path: &'a str,
-    /// Contents.
-    pub bytes: &'a [u8],
-    /// Permission bits.
-    pub mode: u32,
+/// One file, directory or symlink of an ordinary image's layer, owned by root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerEntry {
+    /// Absolute path in the image, such as `/app.wasm`.
+    pub path: String,
+    /// What it is.
+    pub kind: EntryKind,
+}
+
+/// The kinds of [`LayerEntry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file.
+    File {
+        /// Its contents.
+        contents: Vec<u8>,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A directory.
+    Dir {
+        /// Permission bits.
+        mode: u32,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Where it points.
+        target: String,
+    },
+}
+
+impl LayerEntry {
+    /// A regular file.
+    pub fn file(path: impl Into<String>, contents: impl Into<Vec<u8>>, mode: u32) -> LayerEntry {
+        LayerEntry {
+            path: path.into(),
+            kind: EntryKind::File {
+                contents: contents.into(),
+                mode,
+            },
+        }
+    }
+
+    /// A directory.
+    pub fn dir(path: impl Into<String>, mode: u32) -> LayerEntry {
+        LayerEntry {
+            path: path.into(),
+            kind: EntryKind::Dir { mode },
+        }
+    }
+
+    /// A symbolic link.
+    pub fn symlink(path: impl Into<String>, target: impl Into<String>) -> LayerEntry {
+        LayerEntry {
+            path: path.into(),
+            kind: EntryKind::Symlink {
+                target: target.into(),
+            },
+        }
+    }
 }
 
 /// What an ordinary image's config says about running it.
@@ -168,6 +219,8 @@ pub struct RunConfig {
     pub cmd: Vec<String>,
     /// Environment, `NAME=VALUE`.
     pub env: Vec<String>,
+    /// Working directory; empty for none.
+    pub working_dir: String,
 }
 
 /// The architecture name OCI uses for this host, for ordinary images' configs.
@@ -179,9 +232,9 @@ pub fn host_architecture() -> &'static str {
     }
 }
 
-/// Builds an ordinary OCI image (linux, this host's architecture) from files.
-pub fn ordinary_image(files: &[File], run: &RunConfig) -> Result<Image, ImageError> {
-    let layer = Blob::new(LAYER_MEDIA_TYPE, tar_layer(files)?);
+/// Builds an ordinary OCI image (linux, this host's architecture) with one layer.
+pub fn ordinary_image(entries: &[LayerEntry], run: &RunConfig) -> Result<Image, ImageError> {
+    let layer = Blob::new(LAYER_MEDIA_TYPE, tar_layer(entries)?);
     let config = serde_json::json!({
         "architecture": host_architecture(),
         "os": "linux",
@@ -189,6 +242,7 @@ pub fn ordinary_image(files: &[File], run: &RunConfig) -> Result<Image, ImageErr
             "Entrypoint": run.entrypoint,
             "Cmd": run.cmd,
             "Env": run.env,
+            "WorkingDir": run.working_dir,
         },
         "rootfs": { "type": "layers", "diff_ids": [layer.descriptor.digest] },
     });
@@ -199,11 +253,7 @@ pub fn ordinary_image(files: &[File], run: &RunConfig) -> Result<Image, ImageErr
 /// The wasm-in-layer format: the module at [`WASM_ENTRYPOINT`], which is the entrypoint.
 pub fn wasm_in_layer(wasm: &[u8]) -> Result<Image, ImageError> {
     ordinary_image(
-        &[File {
-            path: WASM_ENTRYPOINT,
-            bytes: wasm,
-            mode: 0o644,
-        }],
+        &[LayerEntry::file(WASM_ENTRYPOINT, wasm, 0o644)],
         &RunConfig {
             entrypoint: vec![WASM_ENTRYPOINT.to_owned()],
             ..RunConfig::default()
@@ -252,35 +302,71 @@ fn to_json(value: &impl Serialize) -> Vec<u8> {
     serde_json::to_vec(value).expect("image documents serialize")
 }
 
-fn tar_layer(files: &[File]) -> Result<Vec<u8>, ImageError> {
-    let mut builder = tar::Builder::new(Vec::new());
+/// An uncompressed tar layer of `entries`, with parent directories added (0755) where not
+/// listed, all owned by root and dated at the epoch: the same entries give the same bytes.
+pub fn tar_layer(entries: &[LayerEntry]) -> Result<Vec<u8>, ImageError> {
+    let implicit_dir = EntryKind::Dir { mode: 0o755 };
+    let mut by_path: BTreeMap<String, &EntryKind> = BTreeMap::new();
+    for entry in entries {
+        let relative = entry.path.trim_matches('/');
+        if relative.is_empty()
+            || relative
+                .split('/')
+                .any(|c| c == ".." || c == "." || c.is_empty())
+        {
+            return Err(ImageError::Malformed {
+                what: "layer entry",
+                message: format!("bad path {:?}", entry.path),
+            });
+        }
+        let mut parent = String::new();
+        if let Some((_, ancestors)) = relative.split('/').collect::<Vec<_>>().split_last() {
+            for component in ancestors {
+                if !parent.is_empty() {
+                    parent.push('/');
+                }
+                parent.push_str(component);
+                by_path.entry(parent.clone()).or_insert(&implicit_dir);
+            }
+        }
+        by_path.insert(relative.to_owned(), &entry.kind);
+    }
     let io = |path: &str| {
         let path = path.to_owned();
         move |source| ImageError::Io { path, source }
     };
-    let mut directories = std::collections::BTreeSet::new();
-    for file in files {
-        let relative = file.path.trim_start_matches('/');
-        for ancestor in Path::new(relative).ancestors().skip(1) {
-            if !ancestor.as_os_str().is_empty() && directories.insert(ancestor.to_owned()) {
-                let mut header = tar::Header::new_ustar();
-                header.set_entry_type(tar::EntryType::Directory);
-                header.set_mode(0o755);
-                header.set_size(0);
-                header.set_mtime(0);
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, kind) in by_path {
+        let mut header = tar::Header::new_gnu();
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        match kind {
+            EntryKind::File { contents, mode } => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_mode(*mode);
+                header.set_size(contents.len() as u64);
                 builder
-                    .append_data(&mut header, ancestor, std::io::empty())
-                    .map_err(io(file.path))?;
+                    .append_data(&mut header, &path, contents.as_slice())
+                    .map_err(io(&path))?;
+            }
+            EntryKind::Dir { mode } => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_mode(*mode);
+                header.set_size(0);
+                builder
+                    .append_data(&mut header, format!("{path}/"), std::io::empty())
+                    .map_err(io(&path))?;
+            }
+            EntryKind::Symlink { target } => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_mode(0o777);
+                header.set_size(0);
+                builder
+                    .append_link(&mut header, &path, target)
+                    .map_err(io(&path))?;
             }
         }
-        let mut header = tar::Header::new_ustar();
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_mode(file.mode);
-        header.set_size(file.bytes.len() as u64);
-        header.set_mtime(0);
-        builder
-            .append_data(&mut header, relative, file.bytes)
-            .map_err(io(file.path))?;
     }
     builder.into_inner().map_err(io("layer"))
 }
@@ -439,6 +525,34 @@ mod tests {
             names.contains(&"index.json".to_owned()) && names.contains(&"oci-layout".to_owned())
         );
         assert_eq!(names.len(), 5);
+    }
+
+    #[test]
+    fn layers_add_parents_and_keep_links() {
+        let layer = tar_layer(&[
+            LayerEntry::file("/usr/bin/tool", b"x".to_vec(), 0o755),
+            LayerEntry::symlink("/bin/sh", "busybox"),
+        ])
+        .unwrap();
+        let mut archive = tar::Archive::new(layer.as_slice());
+        let entries: Vec<(String, tar::EntryType)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().entry_type(),
+                )
+            })
+            .collect();
+        let names: Vec<&str> = entries.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["bin/", "bin/sh", "usr/", "usr/bin/", "usr/bin/tool"]
+        );
+        assert_eq!(entries[1].1, tar::EntryType::Symlink);
+        assert!(tar_layer(&[LayerEntry::dir("/a/../b", 0o755)]).is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod harness {
     pub mod cri;
     pub mod images;
     pub mod mounts;
+    pub mod node;
     pub mod process;
     pub mod registry;
 }

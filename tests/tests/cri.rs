@@ -4,221 +4,25 @@
 //!
 //! Run with `make test` (as root; guests from `make guests`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result};
 use bulwark_tests::harness::cgroups;
-use bulwark_tests::harness::containerd::{self, Containerd, ContainerdOptions, RuntimeHandler};
-use bulwark_tests::harness::cri::{ContainerExit, ContainerSpec, Cri, LogStream, PodSpec};
-use bulwark_tests::harness::images::push_test_images;
-use bulwark_tests::harness::mounts::mounts_under;
-use bulwark_tests::harness::registry::Registry;
+use bulwark_tests::harness::containerd;
+use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
+use bulwark_tests::harness::node::{Format, NODE_CONFIG, Node, annotated};
 use tokio::sync::Mutex;
 
 /// One containerd at a time: they share /run/containerd/s and the machine's 2 cores.
 static ONE_CONTAINERD: Mutex<()> = Mutex::const_new(());
 
-const NODE_CONFIG: &str = r#"
-[defaults]
-memory = "128Mi"
-[ceilings]
-memory = "256Mi"
-fuel = 100000000000
-timeout = "5m"
-[capabilities]
-allow_native = false
-allow_network = false
-"#;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn shim_binary() -> PathBuf {
-    let path = workspace().join("target/release/containerd-shim-bulwark-v1");
-    assert!(
-        path.exists(),
-        "{} is missing: run `make build`",
-        path.display()
-    );
-    path
-}
-
-fn guest_bytes(name: &str) -> Vec<u8> {
-    let path = workspace().join(format!("build/guests/{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run `make guests`)", path.display()))
-}
-
-/// A node: registry with the pause, busybox and guest images, and containerd with the
-/// `bulwark` handler.
-struct Node {
-    cri: Cri,
-    containerd: Containerd,
-    registry: Registry,
-    busybox: String,
-    temp: tempfile::TempDir,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Format {
-    Layer,
-    Artifact,
-}
-
-impl Node {
-    async fn start(containerd_binary: PathBuf) -> Result<Node> {
-        let temp = tempfile::tempdir()?;
-        let config = temp.path().join("config.toml");
-        std::fs::write(&config, NODE_CONFIG)?;
-        let registry = Registry::start()?;
-        let images = push_test_images(&registry)?;
-        let containerd = Containerd::start(
-            ContainerdOptions::new(&registry, images.pause.clone())
-                .binary(containerd_binary)
-                .env(
-                    "BULWARK_CACHE_DIR",
-                    temp.path().join("cache").display().to_string(),
-                )
-                .handler(
-                    RuntimeHandler::new("bulwark", shim_binary().display().to_string())
-                        .pod_annotation("bulwark.dev/*")
-                        .option_str("ConfigPath", &config.display().to_string()),
-                ),
-        )?;
-        let cri = containerd.cri().await?;
-        Ok(Node {
-            cri,
-            containerd,
-            registry,
-            busybox: images.busybox,
-            temp,
-        })
-    }
-
-    /// Pushes a guest in a format and returns its reference.
-    fn push_guest(&self, name: &str, format: Format) -> Result<String> {
-        use bulwark_runtime::image;
-        let wasm = guest_bytes(name);
-        let (built, repo) = match format {
-            Format::Layer => (image::wasm_in_layer(&wasm)?, format!("guest-{name}")),
-            Format::Artifact => (image::wasm_artifact(&wasm)?, format!("artifact-{name}")),
-        };
-        let layout = self.temp.path().join(format!("layout-{repo}"));
-        let repo = format!("{repo}:v1");
-        image::write_layout(&layout, &[(&repo, &built)])?;
-        self.registry.push_oci_layout(&layout, "v1", &repo)
-    }
-
-    /// Runs one container in a new `bulwark` pod to its end and tears the pod down.
-    async fn run(&self, pod: PodSpec, container: ContainerSpec) -> Result<Finished> {
-        let pod = pod.runtime_handler("bulwark");
-        self.cri.pull(&container.image).await?;
-        let pod_id = self.cri.run_pod(&pod).await?;
-        let result = async {
-            let id = self.cri.create_container(&pod_id, &pod, &container).await?;
-            self.cri.start_container(&id).await?;
-            let exit = self.cri.wait_exited(&id, Duration::from_secs(60)).await?;
-            let log = self.cri.read_container_log(&id).await?;
-            self.cri.remove_container(&id).await?;
-            Ok(Finished {
-                exit,
-                stdout: log
-                    .iter()
-                    .filter(|line| line.stream == LogStream::Stdout)
-                    .map(|line| format!("{}\n", line.text))
-                    .collect(),
-                stderr: log
-                    .iter()
-                    .filter(|line| line.stream == LogStream::Stderr)
-                    .map(|line| format!("{}\n", line.text))
-                    .collect(),
-            })
-        }
-        .await;
-        self.cri.stop_pod(&pod_id).await?;
-        self.cri.remove_pod(&pod_id).await?;
-        result
-    }
-
-    /// Creates and starts a container in a new pod, expecting the start to be refused.
-    async fn refused(&self, pod: PodSpec, container: ContainerSpec) -> Result<String> {
-        let pod = pod.runtime_handler("bulwark");
-        self.cri.pull(&container.image).await?;
-        let pod_id = self.cri.run_pod(&pod).await?;
-        let outcome = async {
-            let id = self.cri.create_container(&pod_id, &pod, &container).await?;
-            let start = self.cri.start_container(&id).await;
-            self.cri.remove_container(&id).await?;
-            match start {
-                Ok(()) => bail!("the container started"),
-                Err(error) => Ok(format!("{error:#}")),
-            }
-        }
-        .await;
-        self.cri.stop_pod(&pod_id).await?;
-        self.cri.remove_pod(&pod_id).await?;
-        outcome
-    }
-
-    /// Nothing of Bulwark's is left: shims, sockets, mounts, cgroups.
-    async fn assert_clean(&self) -> Result<()> {
-        let mut shims = self.containerd.shim_pids();
-        for _ in 0..50 {
-            if shims.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            shims = self.containerd.shim_pids();
-        }
-        ensure!(shims.is_empty(), "shims still running: {shims:?}");
-        let sockets = self.containerd.new_shim_sockets();
-        ensure!(sockets.is_empty(), "shim sockets left: {sockets:?}");
-        let base = self.containerd.root().parent().context("no parent")?;
-        let mounts = mounts_under(base)?;
-        ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
-        // Pod and container cgroups live below the node's cgroup root; none may be left.
-        let mut left = Vec::new();
-        for root in cgroups::dirs_of(self.containerd.cgroup_root())? {
-            if let Ok(entries) = std::fs::read_dir(&root) {
-                left.extend(
-                    entries
-                        .flatten()
-                        .filter(|entry| entry.path().is_dir())
-                        .map(|entry| entry.path()),
-                );
-            }
-        }
-        ensure!(left.is_empty(), "cgroups left: {left:?}");
-        Ok(())
-    }
-
-    async fn finish(self) -> Result<()> {
-        self.assert_clean().await?;
-        self.containerd.stop()
-    }
-}
-
-struct Finished {
-    exit: ContainerExit,
-    stdout: String,
-    stderr: String,
-}
-
 fn pod(name: &str) -> PodSpec {
     PodSpec::new(name)
 }
 
-fn annotated(name: &str, annotations: &[(&str, &str)]) -> PodSpec {
-    annotations
-        .iter()
-        .fold(PodSpec::new(name), |pod, (key, value)| {
-            pod.annotation(*key, *value)
-        })
-}
-
 async fn system_node() -> Result<Node> {
-    Node::start(PathBuf::from(containerd::SYSTEM_CONTAINERD)).await
+    Node::start(PathBuf::from(containerd::SYSTEM_CONTAINERD), NODE_CONFIG).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,7 +175,7 @@ async fn bad_annotations_and_native_entrypoints_never_start() -> Result<()> {
         assert!(error.contains(message), "{annotations:?}: {error}");
     }
     // A native program is not Wasm and this node does not allow native containers.
-    let busybox = ContainerSpec::new("native", node.busybox.clone()).command([
+    let busybox = ContainerSpec::new("native", node.images.busybox.clone()).command([
         "/bin/busybox",
         "echo",
         "escaped",
@@ -386,7 +190,7 @@ async fn volumes_are_preopened_read_only_unless_granted() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
     let node = system_node().await?;
     let fileio = node.push_guest("fileio", Format::Layer)?;
-    let volume = node.temp.path().join("volume");
+    let volume = node.temp().join("volume");
     std::fs::create_dir(&volume)?;
     std::fs::write(volume.join("input.txt"), "from the volume\n")?;
     let reader = ContainerSpec::new("reader", fileio.clone())
@@ -560,7 +364,7 @@ async fn running_containers_stop_report_stats_and_refuse_exec() -> Result<()> {
 async fn oci_wasm_artifacts_run_on_containerd_1_7() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
     let binary = tokio::task::spawn_blocking(|| containerd::fetch("1.7.24")).await??;
-    let node = Node::start(binary).await?;
+    let node = Node::start(binary, NODE_CONFIG).await?;
     let hello = node.push_guest("hello", Format::Artifact)?;
     // An artifact has no entrypoint: the pod names argv[0].
     let container = ContainerSpec::new("artifact", hello).command(["hello.wasm"]);

@@ -1,0 +1,229 @@
+//! A Bulwark node: a registry holding the pause and busybox images, and a private
+//! containerd with the `bulwark` runtime handler (the shim from this build, its
+//! `pod_annotations` allow-list, a node configuration and a private module cache). The CRI
+//! suite, the pod benchmark and `make demo` all start one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use super::cgroups;
+use super::containerd::{Containerd, ContainerdOptions, RuntimeHandler};
+use super::cri::{ContainerExit, ContainerSpec, Cri, LogStream, PodSpec};
+use super::images::{TestImages, push_image, push_test_images};
+use super::mounts::mounts_under;
+use super::registry::Registry;
+
+/// The node configuration tests and the demo run under: a default memory limit, ceilings,
+/// no native containers, no network.
+pub const NODE_CONFIG: &str = r#"
+[defaults]
+memory = "128Mi"
+[ceilings]
+memory = "256Mi"
+fuel = 100000000000
+timeout = "5m"
+[capabilities]
+allow_native = false
+allow_network = false
+"#;
+
+/// The name of the runtime handler (and RuntimeClass).
+pub const HANDLER: &str = "bulwark";
+
+/// The shim binary of this build.
+pub fn shim_binary() -> Result<PathBuf> {
+    let path = crate::workspace_root().join("target/release/containerd-shim-bulwark-v1");
+    ensure!(
+        path.exists(),
+        "{} is missing: run `make build`",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A guest module built by `make guests`.
+pub fn guest_bytes(name: &str) -> Result<Vec<u8>> {
+    let path = crate::build_dir().join(format!("guests/{name}.wasm"));
+    std::fs::read(&path).with_context(|| format!("{} (run `make guests`)", path.display()))
+}
+
+/// How a guest is packaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The module at /app.wasm in an ordinary layer.
+    Layer,
+    /// The CNCF OCI Wasm artifact.
+    Artifact,
+}
+
+/// How a container that ran to its end finished.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Its exit as CRI reports it.
+    pub exit: ContainerExit,
+    /// Its stdout, from the CRI log.
+    pub stdout: String,
+    /// Its stderr, from the CRI log.
+    pub stderr: String,
+}
+
+/// A pod spec with annotations.
+pub fn annotated(name: &str, annotations: &[(&str, &str)]) -> PodSpec {
+    annotations
+        .iter()
+        .fold(PodSpec::new(name), |pod, (key, value)| {
+            pod.annotation(*key, *value)
+        })
+}
+
+/// A registry and a containerd with the `bulwark` handler.
+pub struct Node {
+    /// The CRI client.
+    pub cri: Cri,
+    /// The containerd.
+    pub containerd: Containerd,
+    /// The registry.
+    pub registry: Registry,
+    /// The pause and busybox images in the registry.
+    pub images: TestImages,
+    temp: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts a node on `containerd_binary` with `node_config` as Bulwark's configuration.
+    pub async fn start(containerd_binary: PathBuf, node_config: &str) -> Result<Node> {
+        let temp = tempfile::tempdir()?;
+        let config = temp.path().join("config.toml");
+        std::fs::write(&config, node_config)?;
+        let registry = Registry::start()?;
+        let images = push_test_images(&registry)?;
+        let containerd = Containerd::start(
+            ContainerdOptions::new(&registry, images.pause.clone())
+                .binary(containerd_binary)
+                .env(
+                    "BULWARK_CACHE_DIR",
+                    temp.path().join("cache").display().to_string(),
+                )
+                .handler(
+                    RuntimeHandler::new(HANDLER, shim_binary()?.display().to_string())
+                        .pod_annotation("bulwark.dev/*")
+                        .option_str("ConfigPath", &config.display().to_string()),
+                ),
+        )?;
+        let cri = containerd.cri().await?;
+        Ok(Node {
+            cri,
+            containerd,
+            registry,
+            images,
+            temp,
+        })
+    }
+
+    /// A directory that lives as long as the node.
+    pub fn temp(&self) -> &Path {
+        self.temp.path()
+    }
+
+    /// Pushes a guest from `make guests` in a format; returns its reference.
+    pub fn push_guest(&self, name: &str, format: Format) -> Result<String> {
+        use bulwark_runtime::image;
+        let wasm = guest_bytes(name)?;
+        let (built, repo) = match format {
+            Format::Layer => (image::wasm_in_layer(&wasm)?, format!("guest-{name}:v1")),
+            Format::Artifact => (image::wasm_artifact(&wasm)?, format!("artifact-{name}:v1")),
+        };
+        push_image(&self.registry, self.temp.path(), &built, &repo)
+    }
+
+    /// Runs one container in a new `bulwark` pod to its end and tears the pod down.
+    pub async fn run(&self, pod: PodSpec, container: ContainerSpec) -> Result<Finished> {
+        let pod = pod.runtime_handler(HANDLER);
+        self.cri.pull(&container.image).await?;
+        let pod_id = self.cri.run_pod(&pod).await?;
+        let result = async {
+            let id = self.cri.create_container(&pod_id, &pod, &container).await?;
+            self.cri.start_container(&id).await?;
+            let exit = self.cri.wait_exited(&id, Duration::from_secs(60)).await?;
+            let log = self.cri.read_container_log(&id).await?;
+            self.cri.remove_container(&id).await?;
+            let stream = |wanted: LogStream| -> String {
+                log.iter()
+                    .filter(|line| line.stream == wanted)
+                    .map(|line| format!("{}\n", line.text))
+                    .collect()
+            };
+            Ok(Finished {
+                exit,
+                stdout: stream(LogStream::Stdout),
+                stderr: stream(LogStream::Stderr),
+            })
+        }
+        .await;
+        self.cri.stop_pod(&pod_id).await?;
+        self.cri.remove_pod(&pod_id).await?;
+        result
+    }
+
+    /// Creates and starts a container in a new `bulwark` pod, expecting the start to be
+    /// refused; returns the error kubelet would show.
+    pub async fn refused(&self, pod: PodSpec, container: ContainerSpec) -> Result<String> {
+        let pod = pod.runtime_handler(HANDLER);
+        self.cri.pull(&container.image).await?;
+        let pod_id = self.cri.run_pod(&pod).await?;
+        let outcome = async {
+            let id = self.cri.create_container(&pod_id, &pod, &container).await?;
+            let start = self.cri.start_container(&id).await;
+            self.cri.remove_container(&id).await?;
+            match start {
+                Ok(()) => bail!("the container started"),
+                // The gRPC status is quoted in the error chain; unquote it.
+                Err(error) => Ok(format!("{error:#}").replace("\\\"", "\"")),
+            }
+        }
+        .await;
+        self.cri.stop_pod(&pod_id).await?;
+        self.cri.remove_pod(&pod_id).await?;
+        outcome
+    }
+
+    /// Fails unless nothing of the pods is left: shims, shim sockets, mounts, cgroups.
+    pub async fn assert_clean(&self) -> Result<()> {
+        let mut shims = self.containerd.shim_pids();
+        for _ in 0..50 {
+            if shims.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            shims = self.containerd.shim_pids();
+        }
+        ensure!(shims.is_empty(), "shims still running: {shims:?}");
+        let sockets = self.containerd.new_shim_sockets();
+        ensure!(sockets.is_empty(), "shim sockets left: {sockets:?}");
+        let base = self.containerd.root().parent().context("no parent")?;
+        let mounts = mounts_under(base)?;
+        ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
+        // Pod and container cgroups live below the node's cgroup root; none may be left.
+        let mut left = Vec::new();
+        for root in cgroups::dirs_of(self.containerd.cgroup_root())? {
+            if let Ok(entries) = std::fs::read_dir(&root) {
+                left.extend(
+                    entries
+                        .flatten()
+                        .filter(|entry| entry.path().is_dir())
+                        .map(|entry| entry.path()),
+                );
+            }
+        }
+        ensure!(left.is_empty(), "cgroups left: {left:?}");
+        Ok(())
+    }
+
+    /// Checks that nothing is left, then stops containerd.
+    pub async fn finish(self) -> Result<()> {
+        self.assert_clean().await?;
+        self.containerd.stop()
+    }
+}
