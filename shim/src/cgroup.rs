@@ -17,11 +17,23 @@ const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "cpuacct", "pids"];
 
 /// A cgroup operation failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cgroup {path}: {action}: {source}")]
-pub struct CgroupError {
-    path: PathBuf,
-    action: &'static str,
-    source: std::io::Error,
+pub enum CgroupError {
+    /// The filesystem refused.
+    #[error("cgroup {path}: {action}: {source}")]
+    Io {
+        /// The cgroup file or directory.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A `slice:prefix:name` path: the systemd cgroup driver, which needs a transient
+    /// scope created through systemd and is not implemented yet.
+    #[error(
+        "linux.cgroupsPath {0:?} is in the systemd driver's form, which this version of Bulwark does not support yet; run kubelet and containerd with the cgroupfs driver"
+    )]
+    SystemdDriver(String),
 }
 
 /// Resources from the spec to apply to the cgroup.
@@ -59,7 +71,7 @@ pub struct Cgroup {
 
 fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> CgroupError {
     let path = path.to_owned();
-    move |source| CgroupError {
+    move |source| CgroupError::Io {
         path,
         action,
         source,
@@ -90,6 +102,9 @@ impl Cgroup {
     /// Creates the cgroup for `cgroups_path` and applies `resources`.
     pub fn create(cgroups_path: &str, resources: &Resources) -> Result<Cgroup, CgroupError> {
         let relative = !cgroups_path.starts_with('/');
+        if relative && cgroups_path.split(':').count() == 3 {
+            return Err(CgroupError::SystemdDriver(cgroups_path.to_owned()));
+        }
         let own = own_paths();
         let cgroup = if is_unified() {
             let base = Path::new(CGROUP_ROOT);
