@@ -4,7 +4,8 @@
 #   make demo    build, then run example pods through CRI on a private containerd with
 #                the shim, and show each limit firing with its reason (root)
 #   make demo-cli  the same policy with `bulwark run`, no containerd
-#   make test    build everything and run every test
+#   make test    build everything and run every test (root: it starts containerd)
+#   make test-matrix  the CRI suite on containerd 1.7.24 and 2.1.9 as well
 #   make bench   print the benchmark tables
 #   make lint    rustfmt and clippy, warnings as errors
 
@@ -21,7 +22,7 @@ COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
 	containerd runc docker-registry skopeo busybox-static protobuf-compiler
 
-.PHONY: all build guests components deps demo demo-cli test bench lint clean
+.PHONY: all build guests components deps demo demo-cli test test-matrix bench lint clean
 
 all: build guests
 
@@ -60,6 +61,11 @@ demo-cli: build guests
 
 test: build guests components
 	$(CARGO) test --release --workspace
+
+# The CRI suite on the newer containerd releases too (Debian trixie's and sid's).
+test-matrix: build guests components
+	BULWARK_TEST_CONTAINERD=1.7.24 $(CARGO) test --release --workspace --test cri
+	BULWARK_TEST_CONTAINERD=2.1.9 $(CARGO) test --release --workspace --test cri
 
 bench: build guests
 	$(CARGO) bench --workspace --bench runtime

@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod content;
 pub mod options;
+pub mod push;
 pub mod seccomp;
 pub mod service;
 pub mod spec;

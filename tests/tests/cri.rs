@@ -21,8 +21,16 @@ fn pod(name: &str) -> PodSpec {
     PodSpec::new(name)
 }
 
+/// Which containerd the suite runs on: Debian 12's 1.6.20, or the version named by
+/// `BULWARK_TEST_CONTAINERD` (1.7.24 or 2.1.9, fetched on first use; `make test-matrix`).
 async fn system_node() -> Result<Node> {
-    Node::start(PathBuf::from(containerd::SYSTEM_CONTAINERD), NODE_CONFIG).await
+    let binary = match std::env::var("BULWARK_TEST_CONTAINERD") {
+        Ok(version) if !version.is_empty() => {
+            tokio::task::spawn_blocking(move || containerd::fetch(&version)).await??
+        }
+        _ => PathBuf::from(containerd::SYSTEM_CONTAINERD),
+    };
+    Node::start(binary, NODE_CONFIG).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

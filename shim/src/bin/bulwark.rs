@@ -59,6 +59,24 @@ enum ImageCommand {
             Import an archive: ctr image import FILE"
     )]
     Build(ImageBuildArgs),
+    /// Build an OCI image from a .wasm file and push it to a registry (anonymous access)
+    Push(ImagePushArgs),
+}
+
+#[derive(Args)]
+struct ImagePushArgs {
+    /// Image format
+    #[arg(long, value_enum, default_value = "layer")]
+    format: ImageFormat,
+    /// Speak plain HTTP to the registry (a registry on loopback or in a lab)
+    #[arg(long)]
+    insecure: bool,
+    /// The WebAssembly module or component
+    #[arg(value_name = "MODULE")]
+    module: PathBuf,
+    /// Where to push: REGISTRY/REPOSITORY[:TAG]
+    #[arg(value_name = "REF")]
+    reference: String,
 }
 
 #[derive(Args)]
@@ -162,6 +180,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Compile(args) => compile(args),
         Command::Image(ImageCommand::Build(args)) => build_image(args),
+        Command::Image(ImageCommand::Push(args)) => push_image(args),
     };
     match result {
         Ok(code) => code,
@@ -341,16 +360,30 @@ fn compile(args: CompileArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn build_image(args: ImageBuildArgs) -> Result<ExitCode> {
+fn wasm_image(module: &Path, format: ImageFormat) -> Result<bulwark_runtime::image::Image> {
     use bulwark_runtime::image;
-    let wasm = read_module(&args.module)?;
+    let wasm = read_module(module)?;
     bulwark_runtime::engine::detect_kind(&wasm)
-        .map_err(|error| input(format!("{}: {error}", args.module.display())))?;
-    let built = match args.format {
+        .map_err(|error| input(format!("{}: {error}", module.display())))?;
+    match format {
         ImageFormat::Layer => image::wasm_in_layer(&wasm),
         ImageFormat::Artifact => image::wasm_artifact(&wasm),
     }
-    .map_err(|error| input(format!("{}: {error}", args.module.display())))?;
+    .map_err(|error| input(format!("{}: {error}", module.display())))
+}
+
+fn push_image(args: ImagePushArgs) -> Result<ExitCode> {
+    use bulwark_shim::push::{Reference, push};
+    let reference = Reference::parse(&args.reference).map_err(input)?;
+    let built = wasm_image(&args.module, args.format)?;
+    let digest = push(&built, &reference, args.insecure)?;
+    println!("{} {digest}", args.reference);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build_image(args: ImageBuildArgs) -> Result<ExitCode> {
+    use bulwark_runtime::image;
+    let built = wasm_image(&args.module, args.format)?;
     let images = [(args.name.as_str(), &built)];
     match (&args.oci_layout, &args.archive) {
         (Some(dir), _) => image::write_layout(dir, &images)?,

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use super::cgroups;
 use super::containerd::{Containerd, ContainerdOptions, RuntimeHandler};
 use super::cri::{ContainerExit, ContainerSpec, Cri, LogStream, PodSpec};
-use super::images::{TestImages, push_image, push_test_images};
+use super::images::{TestImages, push_test_images};
 use super::mounts::mounts_under;
 use super::registry::Registry;
 
@@ -43,10 +43,15 @@ pub fn shim_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A guest module built by `make guests`.
-pub fn guest_bytes(name: &str) -> Result<Vec<u8>> {
-    let path = crate::build_dir().join(format!("guests/{name}.wasm"));
-    std::fs::read(&path).with_context(|| format!("{} (run `make guests`)", path.display()))
+/// The `bulwark` CLI of this build.
+pub fn bulwark_binary() -> Result<PathBuf> {
+    let path = crate::workspace_root().join("target/release/bulwark");
+    ensure!(
+        path.exists(),
+        "{} is missing: run `make build`",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// How a guest is packaged.
@@ -127,15 +132,32 @@ impl Node {
         self.temp.path()
     }
 
-    /// Pushes a guest from `make guests` in a format; returns its reference.
+    /// Pushes a guest from `make guests` in a format with `bulwark image push`; returns
+    /// its reference.
     pub fn push_guest(&self, name: &str, format: Format) -> Result<String> {
-        use bulwark_runtime::image;
-        let wasm = guest_bytes(name)?;
-        let (built, repo) = match format {
-            Format::Layer => (image::wasm_in_layer(&wasm)?, format!("guest-{name}:v1")),
-            Format::Artifact => (image::wasm_artifact(&wasm)?, format!("artifact-{name}:v1")),
+        let module = crate::build_dir().join(format!("guests/{name}.wasm"));
+        ensure!(
+            module.exists(),
+            "{} is missing: run `make guests`",
+            module.display()
+        );
+        let (format, repo) = match format {
+            Format::Layer => ("layer", format!("guest-{name}")),
+            Format::Artifact => ("artifact", format!("artifact-{name}")),
         };
-        push_image(&self.registry, self.temp.path(), &built, &repo)
+        let reference = format!("{}/{repo}:v1", self.registry.addr());
+        let output = std::process::Command::new(bulwark_binary()?)
+            .args(["image", "push", "--insecure", "--format", format])
+            .arg(&module)
+            .arg(&reference)
+            .output()
+            .context("cannot run bulwark image push")?;
+        ensure!(
+            output.status.success(),
+            "bulwark image push {reference} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(reference)
     }
 
     /// Runs one container in a new `bulwark` pod to its end and tears the pod down.
