@@ -5,6 +5,7 @@
 //! One shim process serves a whole pod: `start` groups containers by their CRI sandbox id.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -67,7 +68,17 @@ impl containerd_shim::Shim for BulwarkShim {
             .unwrap_or_else(|| opts.id.clone());
         let (_, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         containerd_shim::util::write_address(&address)?;
-        Ok(address)
+        // Reply and exit here rather than returning: containerd-shim would next drop its
+        // signal-hook iterator, and a SIGCHLD from the daemon we just spawned (which exits
+        // at once when the pod's shim already serves) arriving during that drop makes the
+        // handler spin on the closed pipe. Seen as `start` hanging until containerd kills
+        // it, about once in sixty pod starts.
+        let mut stdout = std::io::stdout().lock();
+        if let Err(err) = write!(stdout, "{address}").and_then(|()| stdout.flush()) {
+            eprintln!("cannot write the shim address: {err}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
     }
 
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
