@@ -6,7 +6,7 @@
 #   make demo-cli  the same policy with `bulwark run`, no containerd
 #   make test    build everything and run every test (root: it starts containerd)
 #   make test-matrix  the CRI suite on containerd 1.7.24 and 2.1.9 as well
-#   make bench   print the benchmark tables
+#   make bench   print the benchmark tables: the runtime, and pods through CRI (root)
 #   make lint    rustfmt and clippy, warnings as errors
 
 CARGO      ?= cargo
@@ -68,7 +68,7 @@ test-matrix: build guests components
 	BULWARK_TEST_CONTAINERD=2.1.9 $(CARGO) test --release --workspace --test cri
 
 bench: build guests
-	$(CARGO) bench --workspace --bench runtime
+	$(CARGO) bench --workspace --bench runtime --bench pods
 
 lint:
 	$(CARGO) fmt --all -- --check

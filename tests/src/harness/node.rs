@@ -132,6 +132,45 @@ impl Node {
         self.temp.path()
     }
 
+    /// The node's module cache (`BULWARK_CACHE_DIR` of its shims).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.temp.path().join("cache")
+    }
+
+    /// Empties the module cache but for its key: the next Wasm container compiles.
+    pub fn empty_cache(&self) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(self.cache_dir()) else {
+            return Ok(());
+        };
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_name() == "key" {
+                continue;
+            }
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| format!("cannot empty the cache: {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until no shim of this containerd runs any more (they exit after their pod).
+    pub async fn wait_no_shims(&self) -> Result<()> {
+        let mut shims = self.containerd.shim_pids();
+        for _ in 0..1000 {
+            if shims.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            shims = self.containerd.shim_pids();
+        }
+        bail!("shims still running after teardown: {shims:?}")
+    }
+
     /// Pushes a guest from `make guests` in a format with `bulwark image push`; returns
     /// its reference.
     pub fn push_guest(&self, name: &str, format: Format) -> Result<String> {
@@ -213,15 +252,7 @@ impl Node {
 
     /// Fails unless nothing of the pods is left: shims, shim sockets, mounts, cgroups.
     pub async fn assert_clean(&self) -> Result<()> {
-        let mut shims = self.containerd.shim_pids();
-        for _ in 0..50 {
-            if shims.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            shims = self.containerd.shim_pids();
-        }
-        ensure!(shims.is_empty(), "shims still running: {shims:?}");
+        self.wait_no_shims().await?;
         let sockets = self.containerd.new_shim_sockets();
         ensure!(sockets.is_empty(), "shim sockets left: {sockets:?}");
         let base = self.containerd.root().parent().context("no parent")?;
