@@ -5,8 +5,8 @@
 //! One shim process serves a whole pod: `start` groups containers by their CRI sandbox id.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -154,6 +154,23 @@ struct State {
     containers: HashMap<String, Container>,
     /// Exits reaped before the spawning thread recorded the pid.
     early_exits: HashMap<u32, Exit>,
+}
+
+impl State {
+    fn get(&self, id: &str) -> Result<&Container, containerd_shim::protos::ttrpc::Error> {
+        self.containers.get(id).ok_or_else(|| not_found(id))
+    }
+
+    fn get_mut(
+        &mut self,
+        id: &str,
+    ) -> Result<&mut Container, containerd_shim::protos::ttrpc::Error> {
+        self.containers.get_mut(id).ok_or_else(|| not_found(id))
+    }
+}
+
+fn not_found(id: &str) -> containerd_shim::protos::ttrpc::Error {
+    error(Code::NOT_FOUND, format!("container {id} not found"))
 }
 
 /// The ttrpc task service of one shim process.
@@ -467,7 +484,7 @@ impl TaskService {
         let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             match state.containers.get(id) {
-                None => return Err(error(Code::NOT_FOUND, format!("container {id} not found"))),
+                None => return Err(not_found(id)),
                 Some(Container {
                     exit: Some(exit), ..
                 }) => return Ok(*exit),
@@ -605,10 +622,7 @@ impl containerd_shim::Task for TaskService {
             ));
         }
         let mut state = self.lock();
-        let container = state
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| error(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let container = state.get_mut(&req.id)?;
         if container.status != Phase::Created {
             return Err(error(
                 Code::FAILED_PRECONDITION,
@@ -652,10 +666,7 @@ impl containerd_shim::Task for TaskService {
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
         let mut state = self.lock();
-        let container = state
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| error(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let container = state.get_mut(&req.id)?;
         match (&container.kind, container.status) {
             (_, Phase::Stopped) => {}
             (Kind::Wasm { .. }, Phase::Running) => {
@@ -708,10 +719,7 @@ impl containerd_shim::Task for TaskService {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         let mut state = self.lock();
-        let container = state
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| error(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let container = state.get(&req.id)?;
         if container.status == Phase::Running {
             return Err(error(
                 Code::FAILED_PRECONDITION,
@@ -759,10 +767,7 @@ impl containerd_shim::Task for TaskService {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let state = self.lock();
-        let container = state
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| error(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let container = state.get(&req.id)?;
         let mut response = api::StateResponse::new();
         response.id = req.id.clone();
         response.bundle = container.bundle.display().to_string();
@@ -787,10 +792,7 @@ impl containerd_shim::Task for TaskService {
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let state = self.lock();
-        let container = state
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| error(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let container = state.get(&req.id)?;
         let mut response = api::PidsResponse::new();
         if container.status == Phase::Running && container.pid != 0 {
             let mut info = containerd_shim::protos::types::task::ProcessInfo::new();
@@ -806,10 +808,7 @@ impl containerd_shim::Task for TaskService {
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         let state = self.lock();
-        let container = state
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| error(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let container = state.get(&req.id)?;
         let usage = match &container.kind {
             Kind::Wasm {
                 cgroup: Some(cgroup),
