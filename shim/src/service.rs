@@ -395,6 +395,7 @@ impl TaskService {
             uid: spec.uid,
             gid: spec.gid,
             additional_gids: spec.additional_gids.clone(),
+            network_namespace: spec.network_namespace.clone(),
             policy,
         };
         let plan_path = bundle.join("bulwark-plan.json");

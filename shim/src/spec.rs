@@ -58,6 +58,9 @@ pub struct ContainerSpec {
     pub gid: u32,
     /// `process.user.additionalGids`.
     pub additional_gids: Vec<u32>,
+    /// The pod's network namespace (`linux.namespaces`, type network, with a path), which
+    /// the workload joins so that a guest's sockets use the pod's network, not the node's.
+    pub network_namespace: Option<PathBuf>,
 }
 
 /// CPU controls kubelet derives from requests and limits.
@@ -143,6 +146,14 @@ impl ContainerSpec {
                 })
             })
             .collect();
+        let network_namespace = linux
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|namespaces| {
+                namespaces
+                    .iter()
+                    .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+            })
+            .and_then(|ns| ns.path().clone());
         ContainerSpec {
             args,
             env,
@@ -159,6 +170,7 @@ impl ContainerSpec {
             uid,
             gid,
             additional_gids,
+            network_namespace,
         }
     }
 

@@ -50,6 +50,9 @@ pub struct Plan {
     pub gid: u32,
     /// The container's supplementary groups.
     pub additional_gids: Vec<u32>,
+    /// The pod's network namespace to join, if it has one of its own.
+    #[serde(default)]
+    pub network_namespace: Option<PathBuf>,
 }
 
 impl Plan {
@@ -160,6 +163,19 @@ fn probe_syscall(name: &str) -> std::io::Result<()> {
 }
 
 /// From here on the process can reach only what the guest was granted.
+fn join_network_namespace(path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let namespace = std::fs::File::open(path)
+        .with_context(|| format!("cannot open the pod's network namespace {}", path.display()))?;
+    // SAFETY: setns on a descriptor we own, for the calling (only) thread.
+    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!("cannot join the pod's network namespace {}", path.display())
+        });
+    }
+    Ok(())
+}
+
 fn lock_down(plan: &Plan) -> Result<()> {
     // Landlock, capabilities and the user are per thread: a thread that existed before
     // would keep what the others give up. Loading compiles on this thread only.
@@ -170,6 +186,9 @@ fn lock_down(plan: &Plan) -> Result<()> {
         threads == 1,
         "{threads} threads exist before the lock-down; expected 1"
     );
+    if let Some(path) = &plan.network_namespace {
+        join_network_namespace(path)?;
+    }
     set_no_new_privs()?;
     restrict_filesystem(plan)?;
     become_user(plan)?;

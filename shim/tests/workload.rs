@@ -43,6 +43,7 @@ fn plan(
         uid: 0,
         gid: 0,
         additional_gids: vec![],
+        network_namespace: None,
     };
     let path = temp.join("plan.json");
     plan.write(&path).unwrap();
@@ -147,4 +148,45 @@ fn a_missing_plan_or_module_is_a_clear_error() {
     let output = workload(&plan, "");
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("gone.wasm"));
+}
+
+#[test]
+fn the_workload_joins_the_pods_network_namespace() {
+    let temp = tempfile::tempdir().unwrap();
+    let path = plan(temp.path(), guest("hello"), &["hello"], vec![], &[]);
+    let mut plan: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    // A process in a network namespace of its own stands in for the pod's sandbox.
+    let mut holder = Command::new("unshare")
+        .args(["--net", "sleep", "30"])
+        .spawn()
+        .unwrap();
+    let namespace = format!("/proc/{}/ns/net", holder.id());
+    // unshare execs sleep only once the namespace exists.
+    for _ in 0..100 {
+        if fs::read_link(&namespace).ok() != fs::read_link("/proc/self/ns/net").ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    plan["network_namespace"] = serde_json::Value::String(namespace.clone());
+    fs::write(&path, serde_json::to_vec(&plan).unwrap()).unwrap();
+    let output = workload(&path, "");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    plan["network_namespace"] = serde_json::Value::String("/proc/999999999/ns/net".into());
+    fs::write(&path, serde_json::to_vec(&plan).unwrap()).unwrap();
+    let output = workload(&path, "");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot open the pod's network namespace"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
