@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod content;
+pub mod install;
 pub mod options;
 pub mod push;
 pub mod seccomp;

@@ -1,0 +1,100 @@
+//! The installer's containerd config editing against the real thing: each supported
+//! containerd's own default config (1.6.20 from Debian 12, 1.7.24 and 2.1.9 fetched from
+//! Debian's trixie and sid), patched, must be read back by that containerd
+//! (`containerd config dump`) with the `bulwark` runtime, its annotation allow-list and
+//! options in place, and with nothing of the original lost.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bulwark_shim::install::{POD_ANNOTATIONS, RUNTIME_TYPE, add_runtime, remove_runtime};
+
+fn containerd(version: &str) -> PathBuf {
+    if version == "1.6.20" {
+        return PathBuf::from("/usr/bin/containerd");
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dest = root.join("build/containerd").join(version);
+    let binary = dest.join("usr/bin/containerd");
+    if !binary.exists() {
+        let status = Command::new("sh")
+            .arg(root.join("tests/containerd/fetch.sh"))
+            .arg(version)
+            .arg(&dest)
+            .status()
+            .unwrap();
+        assert!(status.success(), "fetching containerd {version} failed");
+    }
+    binary
+}
+
+fn run(binary: &Path, args: &[&str]) -> String {
+    let output = Command::new(binary).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{} {args:?}: {}",
+        binary.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn every_supported_containerd_reads_the_patched_default_config() {
+    for version in ["1.6.20", "1.7.24", "2.1.9"] {
+        let binary = containerd(version);
+        let temp = tempfile::tempdir().unwrap();
+        let default = run(&binary, &["config", "default"]);
+        let patched = add_runtime(
+            &default,
+            "config.toml",
+            Path::new("/etc/bulwark/config.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            add_runtime(
+                &patched,
+                "config.toml",
+                Path::new("/etc/bulwark/config.toml")
+            )
+            .unwrap(),
+            patched,
+            "{version}: not idempotent"
+        );
+        assert_eq!(
+            remove_runtime(&patched, "config.toml").unwrap(),
+            default,
+            "{version}: not reversible"
+        );
+        let file = temp.path().join("config.toml");
+        std::fs::write(&file, &patched).unwrap();
+        let dump = run(
+            &binary,
+            &["--config", file.to_str().unwrap(), "config", "dump"],
+        );
+        let dumped: toml::Table = toml::from_str(&dump).unwrap();
+        let plugin = if version.starts_with('2') {
+            "io.containerd.cri.v1.runtime"
+        } else {
+            "io.containerd.grpc.v1.cri"
+        };
+        let runtimes = &dumped["plugins"][plugin]["containerd"]["runtimes"];
+        let bulwark = &runtimes["bulwark"];
+        assert_eq!(
+            bulwark["runtime_type"].as_str(),
+            Some(RUNTIME_TYPE),
+            "{version}: {dump}"
+        );
+        assert_eq!(
+            bulwark["pod_annotations"][0].as_str(),
+            Some(POD_ANNOTATIONS),
+            "{version}"
+        );
+        assert_eq!(
+            bulwark["options"]["ConfigPath"].as_str(),
+            Some("/etc/bulwark/config.toml"),
+            "{version}"
+        );
+        assert!(runtimes.get("runc").is_some(), "{version}: runc lost");
+    }
+}
