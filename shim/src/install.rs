@@ -202,6 +202,50 @@ pub fn line_diff(before: &str, after: &str) -> String {
     out
 }
 
+/// Where an installation puts things, all under `host_root` (the node's `/` when the
+/// installer runs in a pod with the host's root mounted).
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The node's root as this process sees it.
+    pub host_root: std::path::PathBuf,
+    /// containerd's config, as a path on the node.
+    pub containerd_config: std::path::PathBuf,
+    /// The directory on containerd's PATH that receives the shim, as a path on the node.
+    pub shim_dir: std::path::PathBuf,
+    /// Bulwark's node configuration, as a path on the node.
+    pub bulwark_config: std::path::PathBuf,
+}
+
+impl Layout {
+    /// A node path as this process reaches it.
+    pub fn on_host(&self, node_path: &Path) -> std::path::PathBuf {
+        self.host_root
+            .join(node_path.strip_prefix("/").unwrap_or(node_path))
+    }
+
+    /// Where containerd finds the shim, on the node.
+    pub fn shim_path(&self) -> std::path::PathBuf {
+        self.shim_dir.join("containerd-shim-bulwark-v1")
+    }
+}
+
+/// Writes `bytes` to `path` atomically (a temporary file renamed over it), with `mode`.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut temp = tempfile::Builder::new()
+        .prefix(".bulwark-")
+        .tempfile_in(dir)?;
+    temp.write_all(bytes)?;
+    temp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))?;
+    temp.as_file().sync_all()?;
+    temp.persist(path).map_err(|error| error.error)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,3 +98,139 @@ fn every_supported_containerd_reads_the_patched_default_config() {
         assert!(runtimes.get("runc").is_some(), "{version}: runc lost");
     }
 }
+
+fn bulwark(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn install_and_uninstall_change_a_node_and_restore_it() {
+    let node = tempfile::tempdir().unwrap();
+    let root = node.path().to_str().unwrap();
+    let original = format!(
+        "# site settings: keep\n{}",
+        run(Path::new("/usr/bin/containerd"), &["config", "default"])
+    );
+    let containerd_config = node.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(containerd_config.parent().unwrap()).unwrap();
+    std::fs::write(&containerd_config, &original).unwrap();
+    let settings = node.path().join("values.toml");
+    std::fs::write(&settings, "[ceilings]\nmemory = \"1Gi\"\n").unwrap();
+    let settings = settings.to_str().unwrap();
+
+    // A malformed node configuration changes nothing.
+    let bad = node.path().join("bad.toml");
+    std::fs::write(&bad, "[ceilings]\nmemroy = 1\n").unwrap();
+    let output = bulwark(&[
+        "install",
+        "--host-root",
+        root,
+        "--no-restart",
+        "--config",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("memroy"));
+    assert_eq!(
+        std::fs::read_to_string(&containerd_config).unwrap(),
+        original
+    );
+
+    // A dry run shows the change and makes none.
+    let output = bulwark(&[
+        "install",
+        "--host-root",
+        root,
+        "--no-restart",
+        "--dry-run",
+        "--config",
+        settings,
+    ]);
+    assert!(output.status.success());
+    let diff = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        diff.lines()
+            .any(|line| line.starts_with('+') && line.contains("io.containerd.bulwark.v1")),
+        "{diff}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&containerd_config).unwrap(),
+        original
+    );
+
+    let output = bulwark(&[
+        "install",
+        "--host-root",
+        root,
+        "--no-restart",
+        "--config",
+        settings,
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let installed =
+        std::fs::read(node.path().join("usr/local/bin/containerd-shim-bulwark-v1")).unwrap();
+    assert_eq!(
+        installed,
+        std::fs::read(env!("CARGO_BIN_EXE_containerd-shim-bulwark-v1")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.path().join("etc/bulwark/config.toml")).unwrap(),
+        "[ceilings]\nmemory = \"1Gi\"\n"
+    );
+    let patched = std::fs::read_to_string(&containerd_config).unwrap();
+    assert!(
+        patched.starts_with("# site settings: keep\n")
+            && patched.contains("io.containerd.bulwark.v1")
+    );
+    assert_eq!(
+        std::fs::read_to_string(
+            node.path()
+                .join("etc/containerd/config.toml.bulwark-backup")
+        )
+        .unwrap(),
+        original
+    );
+
+    // Twice is once.
+    let output = bulwark(&[
+        "install",
+        "--host-root",
+        root,
+        "--no-restart",
+        "--config",
+        settings,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "nothing to change\n"
+    );
+
+    let output = bulwark(&["uninstall", "--host-root", root, "--no-restart"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&containerd_config).unwrap(),
+        original
+    );
+    assert!(
+        !node
+            .path()
+            .join("usr/local/bin/containerd-shim-bulwark-v1")
+            .exists()
+    );
+    let output = bulwark(&["uninstall", "--host-root", root, "--no-restart"]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "nothing to change\n"
+    );
+}

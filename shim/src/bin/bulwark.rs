@@ -43,9 +43,40 @@ enum Command {
     Run(RunArgs),
     /// Precompile modules into the node's cache, so their first run starts fast
     Compile(CompileArgs),
+    /// Install Bulwark on this node: the shim, /etc/bulwark/config.toml and the bulwark
+    /// runtime in containerd's config (idempotent; keeps a backup)
+    Install(InstallArgs),
+    /// Take Bulwark off this node: the runtime from containerd's config, and the shim
+    Uninstall(InstallArgs),
     /// Package a module as an OCI image
     #[command(subcommand)]
     Image(ImageCommand),
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// containerd's config on the node
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/etc/containerd/config.toml"
+    )]
+    containerd_config: PathBuf,
+    /// Directory on containerd's PATH for the shim, on the node
+    #[arg(long, value_name = "DIR", default_value = "/usr/local/bin")]
+    shim_dir: PathBuf,
+    /// Node configuration to install as /etc/bulwark/config.toml (validated first)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The node's root as seen from here (a privileged pod mounts it, e.g. at /host)
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    host_root: PathBuf,
+    /// Change files but do not restart containerd
+    #[arg(long)]
+    no_restart: bool,
+    /// Print what would change; change nothing
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -181,6 +212,8 @@ fn main() -> ExitCode {
         Command::Compile(args) => compile(args),
         Command::Image(ImageCommand::Build(args)) => build_image(args),
         Command::Image(ImageCommand::Push(args)) => push_image(args),
+        Command::Install(args) => install(args, true),
+        Command::Uninstall(args) => install(args, false),
     };
     match result {
         Ok(code) => code,
@@ -392,4 +425,151 @@ fn build_image(args: ImageBuildArgs) -> Result<ExitCode> {
     }
     println!("{} {}", args.name, built.manifest.descriptor.digest);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `bulwark install` (`adding`) and `bulwark uninstall`.
+fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
+    use bulwark_shim::install::{Layout, add_runtime, line_diff, remove_runtime, write_atomically};
+    let layout = Layout {
+        host_root: args.host_root.clone(),
+        containerd_config: args.containerd_config.clone(),
+        shim_dir: args.shim_dir.clone(),
+        bulwark_config: PathBuf::from(bulwark_runtime::config::DEFAULT_CONFIG_PATH),
+    };
+    let mut changed = false;
+
+    // containerd's config: read (a missing file is containerd's defaults), edit, diff.
+    let config_path = layout.on_host(&layout.containerd_config);
+    let before = match std::fs::read_to_string(&config_path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => return Err(input(format!("{}: {error}", config_path.display()))),
+    };
+    let shown = config_path.display().to_string();
+    let after = if adding {
+        add_runtime(&before, &shown, &layout.bulwark_config)
+    } else {
+        remove_runtime(&before, &shown)
+    }
+    .map_err(input)?;
+
+    // Bulwark's node configuration: validated before anything is written.
+    let node_config = match &args.config {
+        Some(file) if adding => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|error| input(format!("--config {}: {error}", file.display())))?;
+            NodeConfig::parse(&text, &file.display().to_string()).map_err(input)?;
+            Some(text)
+        }
+        _ => None,
+    };
+    let node_config_path = layout.on_host(&layout.bulwark_config);
+    let shim_target = layout.on_host(&layout.shim_path());
+    let shim_source = std::env::current_exe()
+        .context("cannot find this binary")?
+        .with_file_name("containerd-shim-bulwark-v1");
+
+    if args.dry_run {
+        print!("{}", line_diff(&before, &after));
+        if adding {
+            println!(
+                "would install {} as {}",
+                shim_source.display(),
+                shim_target.display()
+            );
+            if node_config.is_some() {
+                println!("would write {}", node_config_path.display());
+            }
+        } else {
+            println!("would remove {}", shim_target.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    if adding {
+        let shim = std::fs::read(&shim_source)
+            .with_context(|| format!("cannot read the shim {}", shim_source.display()))?;
+        if std::fs::read(&shim_target).ok().as_deref() != Some(shim.as_slice()) {
+            write_atomically(&shim_target, &shim, 0o755)
+                .with_context(|| format!("cannot install {}", shim_target.display()))?;
+            println!("installed {}", shim_target.display());
+            changed = true;
+        }
+        if let Some(text) = &node_config
+            && std::fs::read_to_string(&node_config_path).ok().as_deref() != Some(text.as_str())
+        {
+            write_atomically(&node_config_path, text.as_bytes(), 0o644)
+                .with_context(|| format!("cannot write {}", node_config_path.display()))?;
+            println!("wrote {}", node_config_path.display());
+            changed = true;
+        }
+    } else if shim_target.exists() {
+        std::fs::remove_file(&shim_target)
+            .with_context(|| format!("cannot remove {}", shim_target.display()))?;
+        println!("removed {}", shim_target.display());
+        changed = true;
+    }
+
+    if after != before {
+        let backup = config_path.with_extension("toml.bulwark-backup");
+        if !before.is_empty() {
+            write_atomically(&backup, before.as_bytes(), 0o600)
+                .with_context(|| format!("cannot write the backup {}", backup.display()))?;
+        }
+        write_atomically(&config_path, after.as_bytes(), 0o644)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        println!(
+            "{} the bulwark runtime in {} (backup: {})",
+            if adding { "added" } else { "removed" },
+            config_path.display(),
+            backup.display()
+        );
+        changed = true;
+    }
+
+    if !changed {
+        println!("nothing to change");
+    } else if args.no_restart {
+        println!("restart containerd to apply the change (--no-restart)");
+    } else {
+        restart_containerd(&layout)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Restarts containerd through the node's systemd (from a pod: in PID 1's namespaces).
+fn restart_containerd(layout: &bulwark_shim::install::Layout) -> Result<()> {
+    if !layout.on_host(Path::new("/run/systemd/system")).is_dir() {
+        bail!(
+            "containerd must be restarted to apply the change, and this node has no systemd to do it: restart it yourself, or rerun with --no-restart"
+        );
+    }
+    let in_host = layout.host_root != Path::new("/");
+    let mut command = if in_host {
+        let mut command = std::process::Command::new("nsenter");
+        command.args([
+            "--target",
+            "1",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--pid",
+            "--",
+            "systemctl",
+        ]);
+        command
+    } else {
+        std::process::Command::new("systemctl")
+    };
+    let status = command
+        .args(["restart", "containerd"])
+        .status()
+        .context("cannot run systemctl")?;
+    anyhow::ensure!(
+        status.success(),
+        "systemctl restart containerd failed ({status})"
+    );
+    println!("restarted containerd");
+    Ok(())
 }
