@@ -135,7 +135,7 @@ impl RuntimeHandler {
 }
 
 /// What [`Containerd::start`] runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ContainerdOptions {
     /// The containerd binary ([`SYSTEM_CONTAINERD`], or one from [`fetch`]). Its directory is
     /// put first on containerd's PATH, so the `containerd-shim-runc-v2` next to it is used.
@@ -152,7 +152,13 @@ pub struct ContainerdOptions {
     pub extra_path: Vec<PathBuf>,
     /// Environment for containerd, which its shims inherit.
     pub env: Vec<(String, String)>,
+    /// Runs on the written config before containerd starts (an installer editing it, as on
+    /// a node); may return a directory to put first on containerd's PATH.
+    pub config_hook: Option<ConfigHook>,
 }
+
+/// See [`ContainerdOptions::config_hook`].
+pub type ConfigHook = fn(&Path) -> Result<Option<PathBuf>>;
 
 impl ContainerdOptions {
     /// The system containerd pulling from `registry`, with `sandbox_image`, and only `runc`.
@@ -165,6 +171,7 @@ impl ContainerdOptions {
             log_level: "info".into(),
             extra_path: Vec::new(),
             env: Vec::new(),
+            config_hook: None,
         }
     }
 
@@ -303,6 +310,10 @@ impl Containerd {
             )?;
         }
         fs::write(&paths.config, config_toml(&opts, version, &paths))?;
+        let hook_path = match opts.config_hook {
+            Some(hook) => hook(&paths.config).context("the config hook failed")?,
+            None => None,
+        };
 
         let sockets_before = shim_sockets(&paths.state);
         let cgroup_root = paths
@@ -311,7 +322,8 @@ impl Containerd {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "bwk-cd".into());
 
-        let mut path_var: Vec<PathBuf> = opts.extra_path.clone();
+        let mut path_var: Vec<PathBuf> = hook_path.into_iter().collect();
+        path_var.extend(opts.extra_path.iter().cloned());
         if let Some(bin_dir) = opts.binary.parent() {
             path_var.push(bin_dir.to_path_buf());
         }
@@ -771,6 +783,7 @@ mod tests {
             log_level: "info".into(),
             extra_path: Vec::new(),
             env: Vec::new(),
+            config_hook: None,
         }
     }
 
