@@ -44,6 +44,7 @@ components: guests build
 	done
 
 deps:
+	@bash tests/chart/get-helm.sh
 	@missing=""; for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -61,6 +62,7 @@ demo-cli: build guests
 
 test: build guests components
 	$(CARGO) test --release --workspace
+	bash tests/chart/test.sh
 
 # The CRI suite on the newer containerd releases too (Debian trixie's and sid's).
 test-matrix: build guests components

@@ -48,6 +48,9 @@ enum Command {
     Install(InstallArgs),
     /// Take Bulwark off this node: the runtime from containerd's config, and the shim
     Uninstall(InstallArgs),
+    /// Wait until terminated (SIGTERM or SIGINT), then exit 0: keeps the installer's
+    /// DaemonSet pod alive after it set the node up
+    Pause,
     /// Package a module as an OCI image
     #[command(subcommand)]
     Image(ImageCommand),
@@ -212,6 +215,7 @@ fn main() -> ExitCode {
         Command::Compile(args) => compile(args),
         Command::Image(ImageCommand::Build(args)) => build_image(args),
         Command::Image(ImageCommand::Push(args)) => push_image(args),
+        Command::Pause => pause(),
         Command::Install(args) => install(args, true),
         Command::Uninstall(args) => install(args, false),
     };
@@ -572,4 +576,21 @@ fn restart_containerd(layout: &bulwark_shim::install::Layout) -> Result<()> {
     );
     println!("restarted containerd");
     Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT. As a container's PID 1 the default actions would be
+/// ignored, so the signals are taken synchronously.
+fn pause() -> Result<ExitCode> {
+    // SAFETY: sigset operations on a local set; blocking the signals makes sigwait the
+    // only way they are delivered.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut signal = 0;
+        libc::sigwait(&set, &mut signal);
+    }
+    Ok(ExitCode::SUCCESS)
 }
