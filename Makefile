@@ -22,7 +22,7 @@ COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
 	containerd runc docker-registry skopeo busybox-static protobuf-compiler
 
-.PHONY: all build guests components deps demo demo-cli test test-matrix bench lint clean
+.PHONY: all build guests components deps demo demo-cli test test-matrix installer-image bench lint clean
 
 all: build guests
 
@@ -63,6 +63,11 @@ demo-cli: build guests
 test: build guests components
 	$(CARGO) test --release --workspace
 	bash tests/chart/test.sh
+
+# The installer image the Helm chart runs (an OCI layout; push it with skopeo, or
+# `skopeo copy oci:build/installer-image:latest oci-archive:installer.tar` for kind load).
+installer-image: build
+	$(BIN)/installer-image --oci-layout $(BUILD)/installer-image --name bulwark-installer:latest
 
 # The CRI suite on the newer containerd releases too (Debian trixie's and sid's).
 test-matrix: build guests components

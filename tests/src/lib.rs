@@ -19,6 +19,7 @@ pub mod harness {
     pub mod containerd;
     pub mod cri;
     pub mod images;
+    pub mod installer;
     pub mod mounts;
     pub mod node;
     pub mod process;

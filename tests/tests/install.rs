@@ -106,3 +106,59 @@ async fn installed_on_containerd_2_1() -> Result<()> {
     let binary = tokio::task::spawn_blocking(|| containerd::fetch("2.1.9")).await??;
     installed_node_runs_a_limited_pod(binary).await
 }
+
+/// The installer image, run by runc in a pod with a node's root mounted at /host (as the
+/// chart's DaemonSet runs it), installs Bulwark on that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_installer_image_installs_a_node_from_a_pod() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let registry = Registry::start()?;
+    let images = push_test_images(&registry)?;
+    let work = tempfile::tempdir()?;
+    let installer = bulwark_tests::harness::installer::installer_image()?;
+    let reference = bulwark_tests::harness::images::push_image(
+        &registry,
+        work.path(),
+        &installer,
+        "bulwark-installer:test",
+    )?;
+    let node = tempfile::tempdir()?;
+    let config = node.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(config.parent().context("no parent")?)?;
+    let default = std::process::Command::new(containerd::SYSTEM_CONTAINERD)
+        .args(["config", "default"])
+        .output()?;
+    std::fs::write(&config, &default.stdout)?;
+
+    let containerd = Containerd::start(ContainerdOptions::new(&registry, images.pause.clone()))?;
+    let cri = containerd.cri().await?;
+    cri.pull(&reference).await?;
+    let pod = PodSpec::new("installer");
+    let pod_id = cri.run_pod(&pod).await?;
+    let container = ContainerSpec::new("install", reference)
+        .command(["/bulwark", "install", "--host-root=/host", "--no-restart"])
+        .mount(node.path(), "/host", false);
+    let id = cri.create_container(&pod_id, &pod, &container).await?;
+    cri.start_container(&id).await?;
+    let exit = cri.wait_exited(&id, Duration::from_secs(60)).await?;
+    let log = cri.read_container_log(&id).await?;
+    cri.remove_container(&id).await?;
+    cri.stop_pod(&pod_id).await?;
+    cri.remove_pod(&pod_id).await?;
+    containerd.stop()?;
+    ensure!(exit.exit_code == 0, "installer exited {exit:?}: {log:?}");
+    let shim = node.path().join("usr/local/bin/containerd-shim-bulwark-v1");
+    ensure!(shim.exists(), "no shim installed: {log:?}");
+    let patched = std::fs::read_to_string(&config)?;
+    ensure!(
+        patched.contains("io.containerd.bulwark.v1"),
+        "config not patched: {log:?}"
+    );
+    ensure!(
+        node.path()
+            .join("etc/containerd/config.toml.bulwark-backup")
+            .exists(),
+        "no backup"
+    );
+    Ok(())
+}

@@ -548,28 +548,40 @@ fn restart_containerd(layout: &bulwark_shim::install::Layout) -> Result<()> {
             "containerd must be restarted to apply the change, and this node has no systemd to do it: restart it yourself, or rerun with --no-restart"
         );
     }
-    let in_host = layout.host_root != Path::new("/");
-    let mut command = if in_host {
-        let mut command = std::process::Command::new("nsenter");
-        command.args([
-            "--target",
-            "1",
-            "--mount",
-            "--uts",
-            "--ipc",
-            "--net",
-            "--pid",
-            "--",
-            "systemctl",
-        ]);
-        command
+    let mut command = std::process::Command::new("systemctl");
+    command.args(["restart", "containerd"]);
+    // From a pod (hostPID), run systemctl in the namespaces PID 1 sees, so the node's own
+    // systemctl and systemd answer. The namespaces are opened here, entered between fork
+    // and exec.
+    let namespaces: Vec<std::fs::File> = if layout.host_root != Path::new("/") {
+        ["mnt", "uts", "ipc", "net", "pid"]
+            .iter()
+            .map(|ns| {
+                std::fs::File::open(format!("/proc/1/ns/{ns}")).with_context(|| {
+                    format!("cannot open PID 1's {ns} namespace (is the pod hostPID?)")
+                })
+            })
+            .collect::<Result<_>>()?
     } else {
-        std::process::Command::new("systemctl")
+        Vec::new()
     };
-    let status = command
-        .args(["restart", "containerd"])
-        .status()
-        .context("cannot run systemctl")?;
+    let fds: Vec<i32> = namespaces
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+    // SAFETY: only setns(2) runs between fork and exec, on descriptors opened before.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            for fd in &fds {
+                if libc::setns(*fd, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let status = command.status().context("cannot run systemctl")?;
+    drop(namespaces);
     anyhow::ensure!(
         status.success(),
         "systemctl restart containerd failed ({status})"
