@@ -6,6 +6,7 @@
 #   make demo-cli  the same policy with `bulwark run`, no containerd
 #   make test    build everything and run every test (root: it starts containerd)
 #   make test-matrix  the CRI suite on containerd 1.7.24 and 2.1.9 as well
+#   make kind-test    Bulwark in a kind cluster (machines with Docker and kind only)
 #   make bench   print the benchmark tables: the runtime, and pods through CRI (root)
 #   make lint    rustfmt and clippy, warnings as errors
 
@@ -22,7 +23,7 @@ COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
 	containerd runc docker-registry skopeo busybox-static protobuf-compiler
 
-.PHONY: all build guests components deps demo demo-cli test test-matrix installer-image bench lint clean
+.PHONY: all build guests components deps demo demo-cli test test-matrix installer-image kind-test bench lint clean
 
 all: build guests
 
@@ -68,6 +69,10 @@ test: build guests components
 # `skopeo copy oci:build/installer-image:latest oci-archive:installer.tar` for kind load).
 installer-image: build
 	$(BIN)/installer-image --oci-layout $(BUILD)/installer-image --name bulwark-installer:latest
+
+# Bulwark in a kind cluster (needs Docker and kind; says so and exits 2 where they are missing).
+kind-test:
+	bash tests/kind/run.sh
 
 # The CRI suite on the newer containerd releases too (Debian trixie's and sid's).
 test-matrix: build guests components
