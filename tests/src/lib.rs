@@ -12,6 +12,8 @@
 
 use std::path::PathBuf;
 
+pub mod socket_guest;
+
 pub mod harness {
     //! The pieces of a private node: see the crate documentation.
 
