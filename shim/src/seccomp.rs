@@ -42,6 +42,7 @@ const ALWAYS: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_fadvise64,
+    libc::SYS_fallocate,
     libc::SYS_ftruncate,
     libc::SYS_utimensat,
     // Paths beneath preopened directories (Landlock decides which).
