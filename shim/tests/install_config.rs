@@ -120,18 +120,14 @@ fn install_and_uninstall_change_a_node_and_restore_it() {
     let settings = node.path().join("values.toml");
     std::fs::write(&settings, "[ceilings]\nmemory = \"1Gi\"\n").unwrap();
     let settings = settings.to_str().unwrap();
+    let install = |extra: &[&str]| {
+        bulwark(&[&["install", "--host-root", root, "--no-restart"], extra].concat())
+    };
 
     // A malformed node configuration changes nothing.
     let bad = node.path().join("bad.toml");
     std::fs::write(&bad, "[ceilings]\nmemroy = 1\n").unwrap();
-    let output = bulwark(&[
-        "install",
-        "--host-root",
-        root,
-        "--no-restart",
-        "--config",
-        bad.to_str().unwrap(),
-    ]);
+    let output = install(&["--config", bad.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("memroy"));
     assert_eq!(
@@ -140,15 +136,7 @@ fn install_and_uninstall_change_a_node_and_restore_it() {
     );
 
     // A dry run shows the change and makes none.
-    let output = bulwark(&[
-        "install",
-        "--host-root",
-        root,
-        "--no-restart",
-        "--dry-run",
-        "--config",
-        settings,
-    ]);
+    let output = install(&["--dry-run", "--config", settings]);
     assert!(output.status.success());
     let diff = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -161,14 +149,7 @@ fn install_and_uninstall_change_a_node_and_restore_it() {
         original
     );
 
-    let output = bulwark(&[
-        "install",
-        "--host-root",
-        root,
-        "--no-restart",
-        "--config",
-        settings,
-    ]);
+    let output = install(&["--config", settings]);
     assert!(
         output.status.success(),
         "{}",
@@ -199,14 +180,7 @@ fn install_and_uninstall_change_a_node_and_restore_it() {
     );
 
     // Twice is once.
-    let output = bulwark(&[
-        "install",
-        "--host-root",
-        root,
-        "--no-restart",
-        "--config",
-        settings,
-    ]);
+    let output = install(&["--config", settings]);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         "nothing to change\n"
