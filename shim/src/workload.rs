@@ -56,10 +56,20 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Writes the plan next to the bundle's config.json (root-only, like the bundle).
+    /// Writes the plan next to the bundle's config.json, readable by root only: it holds
+    /// the container's environment, secrets included.
     pub fn write(&self, path: &Path) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let json = serde_json::to_vec(self)?;
-        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut file| file.write_all(&json))
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
     fn read(path: &Path) -> Result<Plan> {

@@ -115,6 +115,17 @@ fn after_lock_down_only_granted_paths_open_from_the_host_side() {
 }
 
 #[test]
+fn the_plan_is_readable_by_root_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let temp = tempfile::tempdir().unwrap();
+    let path = plan(temp.path(), guest("hello"), &["hello"], vec![], &[]);
+    assert_eq!(
+        fs::metadata(path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
 fn a_limit_writes_the_termination_log() {
     let temp = tempfile::tempdir().unwrap();
     let plan = plan(
