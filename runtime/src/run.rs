@@ -437,16 +437,6 @@ impl Loaded {
         self.cache_event.as_ref()
     }
 
-    /// Whether it is a component (else a core module).
-    pub fn is_component(&self) -> bool {
-        matches!(self.entry, Entry::Component(_))
-    }
-
-    /// Which limits its code carries.
-    pub fn flavor(&self) -> Flavor {
-        self.flavor
-    }
-
     /// Creates an instance with the policy's limits and the workload's capabilities,
     /// without running it. Limits that fire already here (a module whose initial memory
     /// is above the cap) come back as an [`Outcome`].
@@ -604,20 +594,6 @@ impl Loaded {
         match trap {
             Some(trap) => Outcome::Trapped(format!("{trap}{place}")),
             None => Outcome::Trapped(format!("{error}")),
-        }
-    }
-}
-
-impl Instance {
-    /// Calls an exported core function taking two i32 and returning one (benchmarks).
-    #[doc(hidden)]
-    pub fn call_i32_i32_i32(&mut self, name: &str, a: i32, b: i32) -> Option<i32> {
-        match &mut self.inner {
-            InstanceInner::Module(store, instance) => instance
-                .get_typed_func::<(i32, i32), i32>(&mut *store, name)
-                .and_then(|func| func.call(&mut *store, (a, b)))
-                .ok(),
-            InstanceInner::Component(..) => None,
         }
     }
 }

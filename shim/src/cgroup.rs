@@ -247,11 +247,6 @@ impl Cgroup {
             .collect()
     }
 
-    /// The directories, one per controller (one for v2).
-    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
-        self.dirs.iter().map(|(_, dir)| dir.as_path())
-    }
-
     /// Reads current usage.
     pub fn usage(&self) -> Usage {
         let read = |controller: &str, file: &str| -> Option<String> {

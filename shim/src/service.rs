@@ -150,10 +150,19 @@ struct Container {
     exit: Option<Exit>,
 }
 
+impl Container {
+    /// Records the exit and returns the event that announces it.
+    fn stopped(&mut self, id: &str, exit: Exit) -> TaskExit {
+        self.status = Phase::Stopped;
+        self.exit = Some(exit);
+        exit_event(id, self.pid, exit)
+    }
+}
+
+/// The containers of this shim. `start` holds the lock from spawning a workload until its
+/// pid is recorded, so the exit watcher always finds the container an exit belongs to.
 struct State {
     containers: HashMap<String, Container>,
-    /// Exits reaped before the spawning thread recorded the pid.
-    early_exits: HashMap<u32, Exit>,
 }
 
 impl State {
@@ -173,11 +182,31 @@ fn not_found(id: &str) -> containerd_shim::protos::ttrpc::Error {
     error(Code::NOT_FOUND, format!("container {id} not found"))
 }
 
+/// Task events to containerd, from the service and from the exit watcher.
+struct Events {
+    namespace: String,
+    publisher: Mutex<RemotePublisher>,
+}
+
+impl Events {
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let publisher = self.publisher.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(err) = publisher.publish(
+            containerd_shim::Context::default(),
+            topic,
+            &self.namespace,
+            event,
+        ) {
+            log::error!("cannot publish {topic}: {err}");
+        }
+    }
+}
+
 /// The ttrpc task service of one shim process.
 pub struct TaskService {
     namespace: String,
     containerd_address: String,
-    publisher: Arc<Mutex<RemotePublisher>>,
+    events: Arc<Events>,
     state: Arc<(Mutex<State>, Condvar)>,
     shutdown: Arc<ExitSignal>,
 }
@@ -211,14 +240,16 @@ impl TaskService {
         let state = Arc::new((
             Mutex::new(State {
                 containers: HashMap::new(),
-                early_exits: HashMap::new(),
             }),
             Condvar::new(),
         ));
         let service = TaskService {
+            events: Arc::new(Events {
+                namespace: namespace.clone(),
+                publisher: Mutex::new(publisher),
+            }),
             namespace,
             containerd_address,
-            publisher: Arc::new(Mutex::new(publisher)),
             state,
             shutdown,
         };
@@ -231,23 +262,14 @@ impl TaskService {
     }
 
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let publisher = self.publisher.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(err) = publisher.publish(
-            containerd_shim::Context::default(),
-            topic,
-            &self.namespace,
-            event,
-        ) {
-            log::error!("cannot publish {topic}: {err}");
-        }
+        self.events.publish(topic, event);
     }
 
     /// The shim reaps its children (containerd-shim's reaper); exits arrive here by pid.
     fn watch_exits(&self) {
         let subscription = monitor_subscribe(Topic::Pid).expect("the exit monitor is available");
         let state = self.state.clone();
-        let namespace = self.namespace.clone();
-        let publisher = self.publisher.clone();
+        let events = self.events.clone();
         std::thread::Builder::new()
             .name("exits".into())
             .spawn(move || {
@@ -264,27 +286,14 @@ impl TaskService {
                             && c.status == Phase::Running
                             && matches!(c.kind, Kind::Wasm { .. })
                     });
-                    match found {
-                        Some((id, container)) => {
-                            container.status = Phase::Stopped;
-                            container.exit = Some(exit);
-                            let event = exit_event(id, pid as u32, exit);
-                            condvar.notify_all();
-                            drop(state);
-                            let publisher = publisher.lock().unwrap_or_else(|e| e.into_inner());
-                            if let Err(err) = publisher.publish(
-                                containerd_shim::Context::default(),
-                                topics::TASK_EXIT_EVENT_TOPIC,
-                                &namespace,
-                                Box::new(event),
-                            ) {
-                                log::error!("cannot publish the exit of {pid}: {err}");
-                            }
-                        }
-                        None => {
-                            state.early_exits.insert(pid as u32, exit);
-                        }
-                    }
+                    let Some((id, container)) = found else {
+                        log::debug!("exit of pid {pid}, which runs no container");
+                        continue;
+                    };
+                    let event = container.stopped(id, exit);
+                    condvar.notify_all();
+                    drop(state);
+                    events.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event));
                 }
             })
             .expect("cannot start the exit watcher");
@@ -304,7 +313,7 @@ impl TaskService {
         let result = if spec.is_sandbox {
             Ok(Kind::Sandbox)
         } else {
-            self.prepare_wasm(&req.id, &bundle, &spec, &config, req)
+            self.prepare_wasm(&bundle, &spec, &config, req)
         };
         match result {
             Ok(kind) => Ok(Container {
@@ -323,7 +332,6 @@ impl TaskService {
 
     fn prepare_wasm(
         &self,
-        id: &str,
         bundle: &Path,
         spec: &ContainerSpec,
         config: &NodeConfig,
@@ -383,7 +391,6 @@ impl TaskService {
             });
         }
         let plan = Plan {
-            container_id: id.to_owned(),
             module,
             args: spec.args.clone(),
             env: policy.filter_env(spec.env.clone()),
@@ -641,25 +648,11 @@ impl containerd_shim::Task for TaskService {
         };
         container.pid = pid;
         container.status = Phase::Running;
-        let early = state.early_exits.remove(&pid);
         drop(state);
         let mut event = TaskStart::new();
         event.container_id = req.id.clone();
         event.pid = pid;
         self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event));
-        if let Some(exit) = early {
-            let mut state = self.lock();
-            if let Some(container) = state.containers.get_mut(&req.id) {
-                container.status = Phase::Stopped;
-                container.exit = Some(exit);
-            }
-            self.state.1.notify_all();
-            drop(state);
-            self.publish(
-                topics::TASK_EXIT_EVENT_TOPIC,
-                Box::new(exit_event(&req.id, pid, exit)),
-            );
-        }
         let mut response = api::StartResponse::new();
         response.pid = pid;
         Ok(response)
@@ -692,15 +685,10 @@ impl containerd_shim::Task for TaskService {
                     code,
                     at: std::time::SystemTime::now(),
                 };
-                container.status = Phase::Stopped;
-                container.exit = Some(exit);
-                let pid = container.pid;
+                let event = container.stopped(&req.id, exit);
                 self.state.1.notify_all();
                 drop(state);
-                self.publish(
-                    topics::TASK_EXIT_EVENT_TOPIC,
-                    Box::new(exit_event(&req.id, pid, exit)),
-                );
+                self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event));
             }
         }
         Ok(Empty::new())

@@ -28,8 +28,6 @@ pub const LOCKDOWN_PROBE_ENV: &str = "BULWARK_LOCKDOWN_PROBE";
 /// Everything a workload process needs, resolved by the shim at Create.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
-    /// The container id (for messages).
-    pub container_id: String,
     /// The wasm file on the host (inside the rootfs, or a content-store blob).
     pub module: PathBuf,
     /// argv for the guest.

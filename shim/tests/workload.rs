@@ -32,7 +32,6 @@ fn plan(
         request.set(*knob, value).unwrap();
     }
     let plan = Plan {
-        container_id: "test".into(),
         module,
         args: args.iter().map(|a| a.to_string()).collect(),
         env: vec![],
