@@ -1,13 +1,24 @@
-//! The container's cgroup (cgroupfs driver, v1 and v2): created from `linux.cgroupsPath`
-//! with the spec's resources, joined by the workload process before it runs a single
-//! instruction of the guest, read for Stats, removed at Delete.
+//! The container's cgroup, v1 or v2, from `linux.cgroupsPath` in either form containerd
+//! writes:
 //!
-//! A relative `cgroupsPath` nests under the shim's own cgroup, controller by controller,
-//! as runc does; an absolute one is taken from each hierarchy's root.
+//! - cgroupfs driver: a path. A relative one nests under the shim's own cgroup, controller
+//!   by controller, as runc does; an absolute one is taken from each hierarchy's root. The
+//!   shim creates the directories and writes the spec's resources at Create.
+//! - systemd driver: `slice:prefix:name`. The container is a transient scope
+//!   `prefix-name.scope` in the slice kubelet made for the pod, started through systemd's
+//!   D-Bus API with the workload's pid and the spec's resources as unit properties (so a
+//!   `daemon-reload` keeps them), as runc does. The scope needs a process, so it is made
+//!   when the workload is placed.
+//!
+//! Either way the workload process is placed before it runs a single instruction of the
+//! guest, Stats read the cgroup, and Delete removes it (or stops the scope).
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use cgroups_rs::systemd::props::PropertiesBuilder;
+use cgroups_rs::systemd::{Property, SystemdClient, cpu, memory, pids, utils::expand_slice};
 
 use crate::spec::CpuResources;
 
@@ -28,12 +39,26 @@ pub enum CgroupError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// A `slice:prefix:name` path: the systemd cgroup driver, which needs a transient
-    /// scope created through systemd and is not implemented yet.
+    /// A `slice:prefix:name` path whose slice is not a slice name.
     #[error(
-        "linux.cgroupsPath {0:?} is in the systemd driver's form, which this version of Bulwark does not support yet; run kubelet and containerd with the cgroupfs driver"
+        "linux.cgroupsPath {path:?}: {slice:?} is not a systemd slice name (expected the systemd driver's form slice:prefix:name, such as kubepods-pod1.slice:cri-containerd:ID)"
     )]
-    SystemdDriver(String),
+    BadSlice {
+        /// The cgroupsPath as given.
+        path: String,
+        /// Its slice part.
+        slice: String,
+    },
+    /// systemd refused or failed to start or stop the container's scope.
+    #[error("systemd scope {unit}: {action}: {message}")]
+    Systemd {
+        /// The scope unit.
+        unit: String,
+        /// What was being done.
+        action: &'static str,
+        /// What systemd (or the bus) said.
+        message: String,
+    },
 }
 
 /// Resources from the spec to apply to the cgroup.
@@ -67,7 +92,22 @@ pub struct Cgroup {
     unified: bool,
     /// (controller, directory); the controller is empty for v2.
     dirs: Vec<(String, PathBuf)>,
+    /// The resources to hold the container to.
+    resources: Resources,
+    /// The systemd scope the directories belong to (systemd driver).
+    scope: Option<Scope>,
 }
+
+/// A transient systemd scope in a slice.
+#[derive(Debug, Clone)]
+struct Scope {
+    slice: String,
+    unit: String,
+}
+
+/// How long systemd may take to move a process into a new scope (a slow node under load
+/// takes far less; this bounds a wedged systemd).
+const SCOPE_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> CgroupError {
     let path = path.to_owned();
@@ -99,55 +139,66 @@ fn own_paths() -> Vec<(String, String)> {
 }
 
 impl Cgroup {
-    /// Creates the cgroup for `cgroups_path` and applies `resources`.
+    /// Prepares the cgroup for `cgroups_path`: with the cgroupfs driver, creates it and
+    /// applies `resources`; with the systemd driver, checks the path (the scope starts when
+    /// the workload is placed).
     pub fn create(cgroups_path: &str, resources: &Resources) -> Result<Cgroup, CgroupError> {
-        let relative = !cgroups_path.starts_with('/');
-        if relative && cgroups_path.split(':').count() == 3 {
-            return Err(CgroupError::SystemdDriver(cgroups_path.to_owned()));
+        let unified = is_unified();
+        if let Some((slice, prefix, name)) = systemd_form(cgroups_path) {
+            let bad_slice = || CgroupError::BadSlice {
+                path: cgroups_path.to_owned(),
+                slice: slice.to_owned(),
+            };
+            // runc's rule: an empty slice means system.slice.
+            let slice = if slice.is_empty() {
+                "system.slice"
+            } else {
+                slice
+            };
+            let slice_dir = expand_slice(slice).map_err(|_| bad_slice())?;
+            let unit = if prefix.is_empty() {
+                format!("{name}.scope")
+            } else {
+                format!("{prefix}-{name}.scope")
+            };
+            if name.is_empty() || unit.contains('/') {
+                return Err(bad_slice());
+            }
+            let inside = Path::new(&slice_dir).join(&unit);
+            return Ok(Cgroup {
+                unified,
+                dirs: hierarchy_dirs(unified, |_| inside.clone()),
+                resources: *resources,
+                scope: Some(Scope {
+                    slice: slice.to_owned(),
+                    unit,
+                }),
+            });
         }
+        let relative = !cgroups_path.starts_with('/');
         let own = own_paths();
-        let cgroup = if is_unified() {
-            let base = Path::new(CGROUP_ROOT);
+        let inside = |controller: &str| {
             let parent = if relative {
                 own.iter()
-                    .find(|(controllers, _)| controllers.is_empty())
+                    .find(|(controllers, _)| {
+                        if unified {
+                            controllers.is_empty()
+                        } else {
+                            controllers.split(',').any(|c| c == controller)
+                        }
+                    })
                     .map(|(_, path)| path.trim_start_matches('/').to_owned())
                     .unwrap_or_default()
             } else {
                 String::new()
             };
-            let dir = base.join(parent).join(cgroups_path.trim_start_matches('/'));
-            Cgroup {
-                unified: true,
-                dirs: vec![(String::new(), dir)],
-            }
-        } else {
-            let dirs = V1_CONTROLLERS
-                .iter()
-                .map(|controller| {
-                    let mount = Path::new(CGROUP_ROOT).join(controller);
-                    let parent = if relative {
-                        own.iter()
-                            .find(|(controllers, _)| {
-                                controllers.split(',').any(|c| c == *controller)
-                            })
-                            .map(|(_, path)| path.trim_start_matches('/').to_owned())
-                            .unwrap_or_default()
-                    } else {
-                        String::new()
-                    };
-                    (
-                        controller.to_string(),
-                        mount
-                            .join(parent)
-                            .join(cgroups_path.trim_start_matches('/')),
-                    )
-                })
-                .collect();
-            Cgroup {
-                unified: false,
-                dirs,
-            }
+            Path::new(&parent).join(cgroups_path.trim_start_matches('/'))
+        };
+        let cgroup = Cgroup {
+            unified,
+            dirs: hierarchy_dirs(unified, inside),
+            resources: *resources,
+            scope: None,
         };
         for (_, dir) in &cgroup.dirs {
             fs::create_dir_all(dir).map_err(io(dir, "create"))?;
@@ -155,8 +206,89 @@ impl Cgroup {
         if cgroup.unified {
             cgroup.enable_v2_controllers()?;
         }
-        cgroup.apply(resources)?;
+        cgroup.apply()?;
         Ok(cgroup)
+    }
+
+    /// Moves process `pid` (the workload, waiting to be released) into the cgroup; with
+    /// the systemd driver, starts the scope with it and waits until systemd has moved it.
+    pub fn place(&self, pid: u32) -> Result<(), CgroupError> {
+        let Some(scope) = &self.scope else {
+            for (_, dir) in &self.dirs {
+                let procs = dir.join("cgroup.procs");
+                fs::write(&procs, pid.to_string()).map_err(io(&procs, "add the workload"))?;
+            }
+            return Ok(());
+        };
+        let systemd = |action: &'static str| {
+            move |error: &dyn std::fmt::Display| CgroupError::Systemd {
+                unit: scope.unit.clone(),
+                action,
+                message: error.to_string(),
+            }
+        };
+        let mut properties = PropertiesBuilder::default_cgroup(&scope.slice, &scope.unit)
+            .pids(vec![pid])
+            .build();
+        properties.extend(
+            self.unit_properties()
+                .map_err(|e| systemd("resources")(&e))?,
+        );
+        SystemdClient::new(&scope.unit, properties)
+            .and_then(|client| client.start())
+            .map_err(|e| systemd("start")(&e))?;
+        // StartTransientUnit only queues the start job: wait for the move itself.
+        let expected = self.dirs[0].1.clone();
+        let started = std::time::Instant::now();
+        while !self.holds(pid, &expected) {
+            if started.elapsed() > SCOPE_START_TIMEOUT {
+                return Err(systemd("start")(&format!(
+                    "pid {pid} is not in {} after {:?}",
+                    expected.display(),
+                    SCOPE_START_TIMEOUT
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // The properties survive a daemon-reload; the files carry the exact values (systemd
+        // rounds CPU quotas to whole percents).
+        self.apply()
+    }
+
+    /// Whether `pid` is in the cgroup at `dir` (of the first hierarchy).
+    fn holds(&self, pid: u32, dir: &Path) -> bool {
+        let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) else {
+            return false;
+        };
+        procs.lines().any(|line| line.trim() == pid.to_string())
+    }
+
+    /// The spec's resources as systemd unit properties.
+    fn unit_properties(&self) -> Result<Vec<Property<'static>>, cgroups_rs::systemd::error::Error> {
+        let v2 = self.unified;
+        let resources = &self.resources;
+        let mut properties: Vec<Property<'static>> = Vec::new();
+        if let Some(limit) = resources.memory_limit.filter(|limit| *limit > 0) {
+            let (name, value) = memory::limit(limit, v2)?;
+            properties.push((name, value.into()));
+        }
+        if let Some(shares) = resources.cpu.shares {
+            let (name, value) =
+                cpu::shares(if v2 { shares_to_weight(shares) } else { shares }, v2)?;
+            properties.push((name, value.into()));
+        }
+        if let Some(quota) = resources.cpu.quota.filter(|quota| *quota > 0) {
+            let period = resources.cpu.period.unwrap_or(100_000).max(1);
+            // systemd takes quota per second of wall time, in whole percents (10 ms steps).
+            let per_second = (quota as u64 * 1_000_000).div_ceil(period).div_ceil(10_000) * 10_000;
+            let (name, value) = cpu::quota(per_second)?;
+            properties.push((name, value.into()));
+        }
+        if let Some(limit) = resources.pids_limit.filter(|limit| *limit > 0) {
+            let (name, value) = pids::max(limit)?;
+            properties.push((name, value.into()));
+        }
+        Ok(properties)
     }
 
     /// v2 only lets a cgroup use a controller its parent delegates; delegate memory, cpu
@@ -201,16 +333,15 @@ impl Cgroup {
         fs::write(&path, value).map_err(io(&path, "write"))
     }
 
-    fn apply(&self, resources: &Resources) -> Result<(), CgroupError> {
+    fn apply(&self) -> Result<(), CgroupError> {
+        let resources = &self.resources;
         let cpu = resources.cpu;
         if self.unified {
             if let Some(limit) = resources.memory_limit {
                 self.write("memory", "memory.max", &limit.to_string())?;
             }
             if let Some(shares) = cpu.shares {
-                // The conversion runc and the kernel docs use from shares to weight.
-                let weight = 1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
-                self.write("cpu", "cpu.weight", &weight.to_string())?;
+                self.write("cpu", "cpu.weight", &shares_to_weight(shares).to_string())?;
             }
             if let Some(quota) = cpu.quota.filter(|quota| *quota > 0) {
                 let period = cpu.period.unwrap_or(100_000);
@@ -276,8 +407,20 @@ impl Cgroup {
         }
     }
 
-    /// Removes the cgroup directories (after its processes have exited).
+    /// Removes the cgroup (after its processes have exited): stops the scope, if any, and
+    /// removes the directories.
     pub fn remove(&self) -> Result<(), CgroupError> {
+        if let Some(scope) = &self.scope {
+            // Stopping a scope that systemd already collected (it empties when the workload
+            // exits) is not an error.
+            SystemdClient::new(&scope.unit, Vec::new())
+                .and_then(|client| client.stop())
+                .map_err(|error| CgroupError::Systemd {
+                    unit: scope.unit.clone(),
+                    action: "stop",
+                    message: error.to_string(),
+                })?;
+        }
         for (_, dir) in &self.dirs {
             match fs::remove_dir(dir) {
                 Ok(()) => {}
@@ -286,5 +429,68 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+}
+
+/// The parts of a cgroupsPath in the systemd driver's form `slice:prefix:name`.
+fn systemd_form(cgroups_path: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = cgroups_path.split(':');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(slice), Some(prefix), Some(name), None) if !cgroups_path.starts_with('/') => {
+            Some((slice, prefix, name))
+        }
+        _ => None,
+    }
+}
+
+/// The directory of `inside(controller)` in each hierarchy Bulwark uses.
+fn hierarchy_dirs(unified: bool, inside: impl Fn(&str) -> PathBuf) -> Vec<(String, PathBuf)> {
+    if unified {
+        vec![(String::new(), Path::new(CGROUP_ROOT).join(inside("")))]
+    } else {
+        V1_CONTROLLERS
+            .iter()
+            .map(|controller| {
+                (
+                    controller.to_string(),
+                    Path::new(CGROUP_ROOT)
+                        .join(controller)
+                        .join(inside(controller)),
+                )
+            })
+            .collect()
+    }
+}
+
+/// cgroup v1's cpu.shares as v2's cpu.weight, the conversion runc and the kernel docs use.
+fn shares_to_weight(shares: u64) -> u64 {
+    1 + ((shares.clamp(2, 262_144) - 2) * 9999) / 262_142
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_paths_become_scopes_in_their_slice() {
+        let cgroup = Cgroup::create(
+            "kubepods-burstable-pod1.slice:cri-containerd:abc",
+            &Resources::default(),
+        )
+        .unwrap();
+        let scope = cgroup.scope.as_ref().unwrap();
+        assert_eq!(scope.unit, "cri-containerd-abc.scope");
+        assert_eq!(scope.slice, "kubepods-burstable-pod1.slice");
+        assert!(cgroup.dirs[0].1.ends_with(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope"
+        ));
+    }
+
+    #[test]
+    fn malformed_systemd_paths_are_refused_with_the_path() {
+        for path in ["pods:cri:abc", "a--b.slice:cri:abc", "pod.slice:cri:"] {
+            let error = Cgroup::create(path, &Resources::default()).unwrap_err();
+            assert!(error.to_string().contains(path), "{error}");
+        }
     }
 }

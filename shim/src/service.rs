@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -35,7 +34,7 @@ use crate::cgroup::{Cgroup, Resources};
 use crate::content::{IMAGE_NAME, fetch_wasm_layer};
 use crate::options::config_path_from_options;
 use crate::spec::{ContainerSpec, SpecError};
-use crate::workload::{LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
+use crate::workload::{self, LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
 
 /// Overrides the node cache directory (tests use a private one).
 pub const CACHE_DIR_ENV: &str = "BULWARK_CACHE_DIR";
@@ -342,7 +341,10 @@ impl TaskService {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()));
         let request = Request::from_annotations(annotations).map_err(|e| e.to_string())?;
-        let policy = Policy::resolve(config, &request).map_err(|e| e.to_string())?;
+        let mut policy = Policy::resolve(config, &request).map_err(|e| e.to_string())?;
+        if let Some(limit) = spec.memory_limit.filter(|limit| *limit > 0) {
+            policy.bound_by_container_memory(limit as u64);
+        }
         let rootfs = bundle.join("rootfs");
         let entrypoint = spec.args.first().ok_or(
             "the container has no entrypoint: set command to the wasm file, e.g. [\"/app.wasm\"]",
@@ -453,38 +455,32 @@ impl TaskService {
                 command.env(name, value);
             }
         }
-        // Join the container's cgroup between fork and exec: the workload never runs
-        // outside it. Only async-signal-safe calls happen in the child.
-        let procs: Vec<File> = match cgroup {
-            Some(cgroup) => cgroup
-                .procs_files()
-                .iter()
-                .map(|path| {
-                    OpenOptions::new()
-                        .write(true)
-                        .open(path)
-                        .map_err(|e| format!("cannot open {}: {e}", path.display()))
-                })
-                .collect::<Result<_, _>>()?,
-            None => Vec::new(),
-        };
-        let fds: Vec<i32> = procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
-        // SAFETY: the closure only calls write(2) on descriptors opened before the fork.
-        unsafe {
-            command.pre_exec(move || {
-                for fd in &fds {
-                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let child = command
+        // The workload waits at its gate until it is in its cgroup (or scope), so it never
+        // runs guest code outside it. Only async-signal-safe calls happen in the child.
+        let (gate_reader, gate_writer) =
+            workload::gate_pipe().map_err(|e| format!("cannot make the workload's gate: {e}"))?;
+        workload::attach_gate(&mut command, &gate_reader);
+        let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start the workload process: {e}"))?;
-        drop(procs);
-        Ok(child.id())
+        drop(gate_reader);
+        let pid = child.id();
+        let placed = match cgroup {
+            Some(cgroup) => cgroup.place(pid).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        let released = placed.and_then(|()| {
+            (&gate_writer)
+                .write_all(b"1")
+                .map_err(|e| format!("cannot release the workload process: {e}"))
+        });
+        if let Err(message) = released {
+            // Closing the gate unreleased makes the workload exit without running; kill it
+            // anyway so Start fails with nothing left running.
+            let _ = child.kill();
+            return Err(message);
+        }
+        Ok(pid)
     }
 
     fn wait_for_exit(&self, id: &str) -> Result<Exit, containerd_shim::protos::ttrpc::Error> {

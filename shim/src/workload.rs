@@ -1,6 +1,6 @@
 //! The workload process: one per Wasm container, started by the shim as
-//! `containerd-shim-bulwark-v1 workload PLAN`. It joins the container's cgroup before it
-//! exists as a workload (the shim arranges that before exec), loads the module through the
+//! `containerd-shim-bulwark-v1 workload PLAN`. It waits at its gate until the shim has
+//! placed it in the container's cgroup (or systemd scope), loads the module through the
 //! node cache, locks itself down (no new privileges, no capabilities, the container's
 //! user, Landlock over the filesystem) and only then runs the guest. Its exit code is the
 //! container's: the guest's own, or the contract's code for a limit.
@@ -17,6 +17,10 @@ use bulwark_runtime::{Runtime, RuntimeOptions};
 
 /// The first argument that turns the shim binary into a workload process.
 pub const WORKLOAD_ARG: &str = "workload";
+
+/// The descriptor the workload process inherits the read end of its gate on: the shim
+/// writes one byte once the process is in its cgroup; end of file means it never will be.
+pub const WORKLOAD_GATE_FD: i32 = 3;
 
 /// What the workload process tries right after locking itself down, colon-separated,
 /// reporting each on stderr: paths to open from the host side, and `@NAME` for the syscalls
@@ -91,6 +95,7 @@ pub fn main(plan_path: &Path) -> i32 {
 }
 
 fn run(plan_path: &Path) -> Result<i32> {
+    wait_at_gate()?;
     let plan = Plan::read(plan_path)?;
     let wasm = std::fs::read(&plan.module)
         .with_context(|| format!("cannot read the module {}", plan.module.display()))?;
@@ -127,6 +132,62 @@ fn run(plan_path: &Path) -> Result<i32> {
     };
     let outcome = loaded.run(&workload, &report)?;
     Ok(outcome.exit_code())
+}
+
+/// A close-on-exec pipe whose read end becomes a workload's gate (see
+/// [`attach_gate`]) and whose write end releases it.
+pub fn gate_pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    unsafe {
+        Ok((
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        ))
+    }
+}
+
+/// Makes `reader` the gate of the workload process `command` starts, as
+/// [`WORKLOAD_GATE_FD`]. Keep `reader` open until the process is spawned.
+pub fn attach_gate(command: &mut std::process::Command, reader: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let reader = reader.as_raw_fd();
+    // SAFETY: only dup2(2) and fcntl(2), both async-signal-safe, between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec set: clear it instead.
+            let result = if reader == WORKLOAD_GATE_FD {
+                libc::fcntl(reader, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(reader, WORKLOAD_GATE_FD)
+            };
+            if result == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Blocks until the shim releases this process (see [`WORKLOAD_GATE_FD`]).
+fn wait_at_gate() -> Result<()> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    // SAFETY: the shim set up this descriptor for us alone; nothing else in the process
+    // uses it, and the File closes it.
+    let mut gate = unsafe { std::fs::File::from_raw_fd(WORKLOAD_GATE_FD) };
+    let mut byte = [0u8; 1];
+    match gate.read(&mut byte) {
+        Ok(1) => Ok(()),
+        Ok(_) => anyhow::bail!("the shim did not place this workload in its cgroup; not running"),
+        Err(error) => Err(error).context("cannot read the workload gate"),
+    }
 }
 
 fn probe(paths: &std::ffi::OsStr) {

@@ -8,7 +8,7 @@ use std::process::Command;
 use bulwark_runtime::NodeConfig;
 use bulwark_runtime::policy::{Access, Knob, Policy, Request};
 use bulwark_runtime::run::Preopen;
-use bulwark_shim::workload::{LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
+use bulwark_shim::workload::{self, LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
 
 fn guest(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../build/guests/{name}.wasm"));
@@ -50,14 +50,38 @@ fn plan(
     path
 }
 
-fn workload(plan: &Path, probe: &str) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_containerd-shim-bulwark-v1"))
+/// Runs the workload process on `plan` as the shim does, released at its gate unless
+/// `release` is false.
+fn workload_gated(plan: &Path, probe: &str, release: bool) -> std::process::Output {
+    use std::io::Write;
+    let (reader, mut writer) = workload::gate_pipe().unwrap();
+    if release {
+        writer.write_all(b"1").unwrap();
+    }
+    drop(writer);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_containerd-shim-bulwark-v1"));
+    command
         .arg(WORKLOAD_ARG)
         .arg(plan)
         .env_clear()
-        .env(LOCKDOWN_PROBE_ENV, probe)
-        .output()
-        .unwrap()
+        .env(LOCKDOWN_PROBE_ENV, probe);
+    workload::attach_gate(&mut command, &reader);
+    command.output().unwrap()
+}
+
+fn workload(plan: &Path, probe: &str) -> std::process::Output {
+    workload_gated(plan, probe, true)
+}
+
+#[test]
+fn an_unreleased_workload_runs_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let plan = plan(temp.path(), guest("hello"), &["hello"], vec![], &[]);
+    let output = workload_gated(&plan, "", false);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty(), "the guest ran");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("did not place this workload"), "{stderr}");
 }
 
 #[test]
