@@ -142,6 +142,34 @@ async fn limits_fire_with_their_exit_code_and_reason() -> Result<()> {
         );
         assert_eq!(done.exit.reason, "Error", "{name}");
     }
+
+    // A pod memory limit and no annotation: the guest is bounded inside the limit and ends
+    // with 137 and a reason, rather than the kernel OOM-killing its process; the node goes
+    // on serving pods.
+    let done = node
+        .run(
+            pod("pod-memory-limit"),
+            ContainerSpec::new("pod-memory-limit", membomb.clone()).memory_limit(64 << 20),
+        )
+        .await?;
+    let reason = "memory limit of 48Mi reached (container memory limit 64Mi, less 16Mi kept for the runtime)";
+    assert_eq!(done.exit.exit_code, 137, "{}", done.stderr);
+    assert!(
+        done.stderr.contains(&format!("bulwark: {reason}")),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.exit.termination_message.starts_with(reason),
+        "{:?}",
+        done.exit.termination_message
+    );
+    assert!(done.stdout.contains("allocated 32 MiB"), "{}", done.stdout);
+    let hello = node.push_guest("hello", Format::Layer)?;
+    let done = node
+        .run(pod("after-bomb"), ContainerSpec::new("hello", hello))
+        .await?;
+    assert_eq!(done.exit.exit_code, 0, "{}", done.stderr);
     node.finish().await
 }
 
@@ -326,19 +354,17 @@ async fn running_containers_stop_report_stats_and_refuse_exec() -> Result<()> {
     node.cri.start_container(&id).await?;
     tokio::time::sleep(Duration::from_millis(700)).await;
 
-    // Its cgroup holds kubelet's memory limit and its process.
-    let cgroup = format!("{}/{id}", node.cri.cgroup_parent(&busy));
-    let dirs = cgroups::dirs_of(&cgroup)?;
-    let container_dir = dirs
-        .iter()
-        .find(|dir| dir.starts_with("/sys/fs/cgroup/memory"))
-        .with_context(|| format!("no memory cgroup for {id} in {dirs:?}"))?;
-    assert_eq!(
-        std::fs::read_to_string(container_dir.join("memory.limit_in_bytes"))?.trim(),
-        (64u64 << 20).to_string()
+    // Its cgroup (cgroupfs directory or systemd scope) holds kubelet's memory limit and its
+    // process.
+    let cgroup = node.cri.container_cgroup(&busy, &id);
+    assert_eq!(cgroups::memory_limit(&cgroup)?, Some(64 << 20), "{cgroup}");
+    let procs = cgroups::processes(&cgroup)?;
+    assert_eq!(procs.len(), 1, "{cgroup}: {procs:?}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", procs[0]))?;
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("\0workload\0"),
+        "{cgroup} holds {cmdline:?}, not the workload process"
     );
-    let procs = std::fs::read_to_string(container_dir.join("cgroup.procs"))?;
-    assert_eq!(procs.lines().count(), 1, "{procs}");
 
     let stats = node.cri.container_stats(&id).await?;
     let memory = stats

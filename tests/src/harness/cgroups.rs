@@ -1,6 +1,7 @@
-//! Cgroups that containers of a test leave behind, found in every hierarchy and removed.
+//! Pod cgroups as kubelet's cgroup driver makes them ([`PodCgroups`]), and cgroups that
+//! containers of a test leave behind, found in every hierarchy and removed.
 //!
-//! Tests give containerd RELATIVE cgroup parents: runc nests a relative cgroup path under its
+//! With the cgroupfs driver (the default) tests give containerd RELATIVE cgroup parents: runc nests a relative cgroup path under its
 //! caller's own cgroup in each hierarchy (this machine's processes live in a memory cgroup of
 //! their own), so nothing is created outside the test's subtree. runc removes a container's
 //! own cgroup when the container is deleted; the parents (kubelet's pod cgroups) are left for
@@ -12,7 +13,174 @@ use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+
+/// The environment variable that picks kubelet's cgroup driver for the tests' pods:
+/// `cgroupfs` (the default) or `systemd` (needs systemd as PID 1 and the system bus, as in
+/// `make test-cgroup2`).
+pub const DRIVER_ENV: &str = "BULWARK_TEST_CGROUP_DRIVER";
+
+/// The slice kubelet's systemd driver puts burstable pods under.
+const BURSTABLE_SLICE: &str = "/kubepods.slice/kubepods-burstable.slice";
+
+/// Where pods' cgroups go, as kubelet's cgroup driver decides, and how they are made and
+/// removed around the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodCgroups {
+    /// cgroupfs driver: a pod's cgroup parent is `<root>/pod<uid>`, containerd's containers
+    /// `<parent>/<container id>`. A relative root nests below this process's cgroup.
+    Cgroupfs {
+        /// The root of the pods' cgroups.
+        root: String,
+    },
+    /// systemd driver: a pod is the slice `kubepods-burstable-pod<uid>.slice` below
+    /// `kubepods-burstable.slice`, made before RunPodSandbox as kubelet makes it, and each
+    /// container the scope `cri-containerd-<id>.scope` in it.
+    Systemd,
+}
+
+impl PodCgroups {
+    /// The driver [`DRIVER_ENV`] names, with `root` for cgroupfs.
+    pub fn from_env(root: &str) -> Result<PodCgroups> {
+        match std::env::var(DRIVER_ENV).unwrap_or_default().as_str() {
+            "" | "cgroupfs" => Ok(PodCgroups::Cgroupfs {
+                root: root.to_owned(),
+            }),
+            "systemd" => Ok(PodCgroups::Systemd),
+            other => bail!("{DRIVER_ENV}={other:?}: expected cgroupfs or systemd"),
+        }
+    }
+
+    /// The cgroup parent kubelet gives the pod with `uid`.
+    pub fn pod_parent(&self, uid: &str) -> String {
+        match self {
+            PodCgroups::Cgroupfs { root } => format!("{root}/pod{uid}"),
+            PodCgroups::Systemd => format!(
+                "{BURSTABLE_SLICE}/kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            ),
+        }
+    }
+
+    /// The cgroup (path for [`dirs_of`]) of container `id` in a pod with cgroup parent
+    /// `parent`.
+    pub fn container_cgroup(&self, parent: &str, id: &str) -> String {
+        match self {
+            PodCgroups::Cgroupfs { .. } => format!("{parent}/{id}"),
+            PodCgroups::Systemd => format!("{parent}/cri-containerd-{id}.scope"),
+        }
+    }
+
+    /// Makes the pod's cgroup before RunPodSandbox, as kubelet does (the systemd driver's
+    /// slice; the cgroupfs driver's parent is made by the runtime).
+    pub fn create_pod(&self, parent: &str) -> Result<()> {
+        match self {
+            PodCgroups::Cgroupfs { .. } => Ok(()),
+            PodCgroups::Systemd => systemctl("start", unit_of(parent)?),
+        }
+    }
+
+    /// Removes the pod's cgroup after RemovePodSandbox, as kubelet does.
+    pub fn remove_pod(&self, parent: &str) -> Result<()> {
+        match self {
+            PodCgroups::Cgroupfs { .. } => remove(parent),
+            PodCgroups::Systemd if exists(parent)? => {
+                systemctl("stop", unit_of(parent)?)?;
+                ensure_gone(parent)
+            }
+            PodCgroups::Systemd => Ok(()),
+        }
+    }
+
+    /// Removes every pod cgroup and their parents.
+    pub fn remove_all(&self) -> Result<()> {
+        match self {
+            PodCgroups::Cgroupfs { root } => remove(root),
+            PodCgroups::Systemd if exists("/kubepods.slice")? => {
+                systemctl("stop", "kubepods.slice")?;
+                ensure_gone("/kubepods.slice")
+            }
+            PodCgroups::Systemd => Ok(()),
+        }
+    }
+
+    /// The cgroups of pods and containers that exist now: none should, once every pod is
+    /// removed. For the systemd driver, also the pod slices and container scopes systemd
+    /// still has loaded.
+    pub fn leftovers(&self) -> Result<Vec<String>> {
+        let root = match self {
+            PodCgroups::Cgroupfs { root } => root.as_str(),
+            PodCgroups::Systemd => BURSTABLE_SLICE,
+        };
+        let mut left = Vec::new();
+        for dir in dirs_of(root)? {
+            if let Ok(entries) = fs::read_dir(&dir) {
+                left.extend(
+                    entries
+                        .flatten()
+                        .filter(|entry| entry.path().is_dir())
+                        .map(|entry| entry.path().display().to_string()),
+                );
+            }
+        }
+        if *self == PodCgroups::Systemd {
+            let units = std::process::Command::new("systemctl")
+                .args(["list-units", "--all", "--plain", "--no-legend"])
+                .args(["kubepods-burstable-pod*", "cri-containerd-*"])
+                .output()
+                .context("cannot run systemctl list-units")?;
+            left.extend(
+                String::from_utf8_lossy(&units.stdout)
+                    .lines()
+                    .filter(|line| !line.trim().is_empty())
+                    .map(|line| format!("unit {}", line.trim())),
+            );
+        }
+        Ok(left)
+    }
+}
+
+/// The slice unit a systemd-driver cgroup path ends in.
+fn unit_of(parent: &str) -> Result<&str> {
+    parent
+        .rsplit('/')
+        .next()
+        .filter(|unit| unit.ends_with(".slice"))
+        .with_context(|| format!("{parent} does not end in a slice"))
+}
+
+fn systemctl(verb: &str, unit: &str) -> Result<()> {
+    let output = std::process::Command::new("systemctl")
+        .args([verb, unit])
+        .output()
+        .with_context(|| format!("cannot run systemctl {verb} {unit}"))?;
+    ensure!(
+        output.status.success(),
+        "systemctl {verb} {unit}: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Whether cgroup `path` exists in any hierarchy.
+fn exists(path: &str) -> Result<bool> {
+    Ok(dirs_of(path)?.iter().any(|dir| dir.exists()))
+}
+
+/// Fails unless the cgroup at absolute `path` is gone (systemd removes a stopped unit's
+/// cgroup as the stop job ends).
+fn ensure_gone(path: &str) -> Result<()> {
+    let dirs = dirs_of(path)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dirs.iter().any(|dir| dir.exists()) {
+        ensure!(
+            Instant::now() < deadline,
+            "{path} is still there after its unit stopped"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
 
 /// One mounted cgroup hierarchy and this process's cgroup in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +262,19 @@ pub fn memory_limit(path: &str) -> Result<Option<u64>> {
         }
     }
     bail!("cgroup {path} has no memory controller file")
+}
+
+/// The processes in cgroup `path` (see [`dirs_of`]), from the first hierarchy that has it.
+pub fn processes(path: &str) -> Result<Vec<u32>> {
+    for dir in dirs_of(path)? {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            return procs
+                .lines()
+                .map(|line| line.trim().parse().context("malformed cgroup.procs"))
+                .collect();
+        }
+    }
+    bail!("cgroup {path} does not exist")
 }
 
 /// Removes cgroup `path` (see [`dirs_of`]) and every cgroup below it, in every hierarchy.

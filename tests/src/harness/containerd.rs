@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 
+use super::cgroups::{self, PodCgroups};
 use super::cri::Cri;
+use super::mounts;
 use super::process::{self, ServerProcess};
 use super::registry::Registry;
-use super::{cgroups, mounts};
 use crate::block_on_thread;
 
 /// Debian 12's containerd (1.6.20).
@@ -232,6 +233,7 @@ pub struct Containerd {
     paths: Paths,
     version: ContainerdVersion,
     cgroup_root: String,
+    pod_cgroups: PodCgroups,
     sockets_before: BTreeSet<PathBuf>,
     stopped: bool,
 }
@@ -321,6 +323,7 @@ impl Containerd {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "bwk-cd".into());
+        let pod_cgroups = PodCgroups::from_env(&cgroup_root)?;
 
         let mut path_var: Vec<PathBuf> = hook_path.into_iter().collect();
         path_var.extend(opts.extra_path.iter().cloned());
@@ -346,6 +349,7 @@ impl Containerd {
             paths,
             version,
             cgroup_root,
+            pod_cgroups,
             sockets_before,
             stopped: false,
         };
@@ -389,14 +393,21 @@ impl Containerd {
     }
 
     /// A CRI client for this containerd: logs and termination-message files go under its
-    /// directory, and pods get cgroup parents below its own relative cgroup root.
+    /// directory, and pods get cgroups as [`Containerd::pod_cgroups`] says.
     pub async fn cri(&self) -> Result<Cri> {
         Cri::connect_with(
             &self.paths.grpc,
             &self.paths.kubelet,
-            Some(self.cgroup_root.clone()),
+            Some(self.pod_cgroups.clone()),
         )
         .await
+    }
+
+    /// Where pods of [`Containerd::cri`] clients get their cgroups: below
+    /// [`Containerd::cgroup_root`], or in systemd slices when the tests run with the
+    /// systemd driver (see [`cgroups::DRIVER_ENV`]).
+    pub fn pod_cgroups(&self) -> &PodCgroups {
+        &self.pod_cgroups
     }
 
     /// containerd's gRPC (and CRI) socket.
@@ -488,9 +499,9 @@ impl Containerd {
         if matches!(self.process.exited(), Ok(None)) {
             let socket = self.paths.grpc.clone();
             let kubelet = self.paths.kubelet.clone();
-            let root = self.cgroup_root.clone();
+            let pod_cgroups = self.pod_cgroups.clone();
             let removed = block_on_thread(|| async move {
-                let cri = Cri::connect_with(&socket, &kubelet, Some(root)).await?;
+                let cri = Cri::connect_with(&socket, &kubelet, Some(pod_cgroups)).await?;
                 tokio::time::timeout(Duration::from_secs(60), cri.remove_everything())
                     .await
                     .context("timed out")?
@@ -546,7 +557,10 @@ impl Containerd {
             Err(err) => problems.push(format!("unmounting: {err:#}")),
         }
 
-        // 5. Cgroups of its pods.
+        // 5. Cgroups of its pods (those of runc's pods too, below the cgroup root).
+        if let Err(err) = self.pod_cgroups.remove_all() {
+            problems.push(format!("removing pod cgroups: {err:#}"));
+        }
         if let Err(err) = cgroups::remove(&self.cgroup_root) {
             problems.push(format!("removing cgroups: {err:#}"));
         }

@@ -26,7 +26,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use k8s_cri::v1::{ContainerState, ContainerStats, ContainerStatus, PodSandboxConfig};
 
-use super::cgroups;
+use super::cgroups::PodCgroups;
 
 /// How long one CRI call may take (a pull included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -73,8 +73,8 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     /// The runtime handler (RuntimeClass handler); empty for containerd's default.
     pub runtime_handler: String,
-    /// The pod's cgroup parent. `None`: `<cgroup root>/pod<uid>` when the [`Cri`] has a cgroup
-    /// root (relative, so below the test's own cgroup; removed by [`Cri::remove_pod`]), else
+    /// The pod's cgroup parent. `None`: what kubelet's cgroup driver would give it when the
+    /// [`Cri`] has one (see [`PodCgroups`]; made and removed with the pod by the client), else
     /// none at all.
     pub cgroup_parent: Option<String>,
     /// The pod's log directory. `None`: `<kubelet dir>/logs/<namespace>_<name>_<uid>`, as
@@ -292,9 +292,9 @@ pub struct Cri {
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
     kubelet_dir: PathBuf,
-    cgroup_root: Option<String>,
+    pod_cgroups: Option<PodCgroups>,
     /// Cgroup parents the client chose, by pod ID, to remove with the pod.
-    pod_cgroups: Arc<Mutex<HashMap<String, String>>>,
+    chosen_cgroups: Arc<Mutex<HashMap<String, String>>>,
     _own_dir: Option<Arc<TempDir>>,
 }
 
@@ -310,11 +310,12 @@ impl Cri {
     }
 
     /// Connects to the CRI socket `socket`, keeping logs and termination-message files under
-    /// `kubelet_dir` and giving pods the cgroup parent `<cgroup_root>/pod<uid>` by default.
+    /// `kubelet_dir` and giving pods cgroups as kubelet's driver would (`pod_cgroups`) by
+    /// default.
     pub async fn connect_with(
         socket: &Path,
         kubelet_dir: &Path,
-        cgroup_root: Option<String>,
+        pod_cgroups: Option<PodCgroups>,
     ) -> Result<Self> {
         let path = socket.to_path_buf();
         let channel =
@@ -333,8 +334,8 @@ impl Cri {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
             kubelet_dir: kubelet_dir.to_path_buf(),
-            cgroup_root,
-            pod_cgroups: Arc::default(),
+            pod_cgroups,
+            chosen_cgroups: Arc::default(),
             _own_dir: None,
         })
     }
@@ -445,14 +446,20 @@ impl Cri {
             config: Some(config),
             runtime_handler: pod.runtime_handler.clone(),
         };
+        let chosen = match &self.pod_cgroups {
+            Some(driver) if pod.cgroup_parent.is_none() && !cgroup_parent.is_empty() => {
+                driver.create_pod(&cgroup_parent)?;
+                Some(driver)
+            }
+            _ => None,
+        };
         let response = self.runtime.clone().run_pod_sandbox(request).await;
-        // The runtime may have made the cgroup even if it failed.
-        let own_cgroup = pod.cgroup_parent.is_none() && !cgroup_parent.is_empty();
         let id = match response {
             Ok(response) => response.into_inner().pod_sandbox_id,
             Err(status) => {
-                if own_cgroup {
-                    let _ = cgroups::remove(&cgroup_parent);
+                // The runtime may have made the cgroup even if it failed.
+                if let Some(driver) = chosen {
+                    let _ = driver.remove_pod(&cgroup_parent);
                 }
                 return Err(status).with_context(|| {
                     format!(
@@ -462,8 +469,8 @@ impl Cri {
                 });
             }
         };
-        if own_cgroup {
-            self.pod_cgroups
+        if chosen.is_some() {
+            self.chosen_cgroups
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id.clone(), cgroup_parent);
@@ -731,12 +738,12 @@ impl Cri {
             .await
             .with_context(|| format!("RemovePodSandbox of {pod_id} failed"))?;
         let cgroup = self
-            .pod_cgroups
+            .chosen_cgroups
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(pod_id);
-        if let Some(cgroup) = cgroup {
-            cgroups::remove(&cgroup)?;
+        if let (Some(cgroup), Some(driver)) = (cgroup, &self.pod_cgroups) {
+            driver.remove_pod(&cgroup)?;
         }
         Ok(())
     }
@@ -849,13 +856,21 @@ impl Cri {
         })
     }
 
-    /// The cgroup parent `pod` gets (see [`PodSpec::cgroup_parent`]); a container's cgroup is
-    /// `<parent>/<container id>`. Empty for none.
+    /// The cgroup parent `pod` gets (see [`PodSpec::cgroup_parent`]). Empty for none.
     pub fn cgroup_parent(&self, pod: &PodSpec) -> String {
-        match (&pod.cgroup_parent, &self.cgroup_root) {
+        match (&pod.cgroup_parent, &self.pod_cgroups) {
             (Some(parent), _) => parent.clone(),
-            (None, Some(root)) => format!("{root}/pod{}", pod.uid),
+            (None, Some(driver)) => driver.pod_parent(&pod.uid),
             (None, None) => String::new(),
+        }
+    }
+
+    /// The cgroup (a path for [`super::cgroups::dirs_of`]) of container `id` of `pod`.
+    pub fn container_cgroup(&self, pod: &PodSpec, id: &str) -> String {
+        let parent = self.cgroup_parent(pod);
+        match &self.pod_cgroups {
+            Some(driver) => driver.container_cgroup(&parent, id),
+            None => format!("{parent}/{id}"),
         }
     }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::cgroups;
 use super::containerd::{Containerd, ContainerdOptions, RuntimeHandler};
 use super::cri::{ContainerExit, ContainerSpec, Cri, LogStream, PodSpec};
 use super::images::{TestImages, push_test_images};
@@ -258,18 +257,8 @@ impl Node {
         let base = self.containerd.root().parent().context("no parent")?;
         let mounts = mounts_under(base)?;
         ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
-        // Pod and container cgroups live below the node's cgroup root; none may be left.
-        let mut left = Vec::new();
-        for root in cgroups::dirs_of(self.containerd.cgroup_root())? {
-            if let Ok(entries) = std::fs::read_dir(&root) {
-                left.extend(
-                    entries
-                        .flatten()
-                        .filter(|entry| entry.path().is_dir())
-                        .map(|entry| entry.path()),
-                );
-            }
-        }
+        // No pod or container cgroup (or systemd slice or scope) may be left.
+        let left = self.containerd.pod_cgroups().leftovers()?;
         ensure!(left.is_empty(), "cgroups left: {left:?}");
         Ok(())
     }
