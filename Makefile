@@ -6,6 +6,7 @@
 #   make demo-cli  the same policy with `bulwark run`, no containerd
 #   make test    build everything and run every test (root: it starts containerd)
 #   make test-matrix  the CRI suite on containerd 1.7.24 and 2.1.9 as well
+#   make test-cgroup2 the CRI suite on cgroup v2 in a VM, cgroupfs and systemd drivers
 #   make kind-test    Bulwark in a kind cluster (machines with Docker and kind only)
 #   make bench   print the benchmark tables: the runtime, and pods through CRI (root)
 #   make lint    rustfmt and clippy, warnings as errors
@@ -23,7 +24,7 @@ COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
 	containerd runc docker-registry skopeo busybox-static protobuf-compiler
 
-.PHONY: all build guests components deps demo demo-cli test test-matrix installer-image kind-test bench lint clean
+.PHONY: all build guests components deps demo demo-cli test test-matrix test-cgroup2 installer-image kind-test bench lint clean
 
 all: build guests
 
@@ -78,6 +79,11 @@ kind-test:
 test-matrix: build guests components
 	BULWARK_TEST_CONTAINERD=1.7.24 $(CARGO) test --release --workspace --test cri
 	BULWARK_TEST_CONTAINERD=2.1.9 $(CARGO) test --release --workspace --test cri
+
+# The CRI suite on a cgroup v2 node: a throwaway QEMU VM on this machine's root, once with
+# kubelet's cgroupfs driver and once with its systemd driver (tests/vm/README.md).
+test-cgroup2: build guests components
+	bash tests/vm/cgroup2.sh
 
 bench: build guests
 	$(CARGO) bench --workspace --bench runtime --bench pods

@@ -184,8 +184,9 @@ pub struct DirGrant {
 
 /// What a workload process needs inside its container's memory limit besides the guest's
 /// linear memory and tables: the engine, the compiled module, WASI's buffers and the stack.
-/// Measured at about 6 MiB resident for a small guest (`make bench`); the rest is margin
-/// for larger modules.
+/// A small guest's process holds about 7 MiB of anonymous memory (`bulwark run` of the
+/// `sleep` guest); the binary's and the compiled module's pages are file-backed, so the
+/// kernel reclaims them under the limit. The rest is margin for larger modules.
 pub const RUNTIME_MEMORY_RESERVE: u64 = 16 << 20;
 
 /// Where an effective limit came from, so that a reason can say which setting fired.

@@ -228,6 +228,7 @@ impl Cgroup {
             }
         };
         let mut properties = PropertiesBuilder::default_cgroup(&scope.slice, &scope.unit)
+            .description(format!("Bulwark Wasm container {}", scope.unit))
             .pids(vec![pid])
             .build();
         properties.extend(

@@ -346,7 +346,8 @@ async fn running_containers_stop_report_stats_and_refuse_exec() -> Result<()> {
     let pod_id = node.cri.run_pod(&busy).await?;
     let container = ContainerSpec::new("busy", cpu)
         .args(["100000"])
-        .memory_limit(64 << 20);
+        .memory_limit(64 << 20)
+        .cpu_limit(500);
     let id = node
         .cri
         .create_container(&pod_id, &busy, &container)
@@ -354,10 +355,15 @@ async fn running_containers_stop_report_stats_and_refuse_exec() -> Result<()> {
     node.cri.start_container(&id).await?;
     tokio::time::sleep(Duration::from_millis(700)).await;
 
-    // Its cgroup (cgroupfs directory or systemd scope) holds kubelet's memory limit and its
-    // process.
+    // Its cgroup (cgroupfs directory or systemd scope) holds kubelet's memory and CPU limits
+    // and its process.
     let cgroup = node.cri.container_cgroup(&busy, &id);
     assert_eq!(cgroups::memory_limit(&cgroup)?, Some(64 << 20), "{cgroup}");
+    assert_eq!(
+        cgroups::cpu_quota(&cgroup)?,
+        Some((50_000, 100_000)),
+        "{cgroup}: half a CPU"
+    );
     let procs = cgroups::processes(&cgroup)?;
     assert_eq!(procs.len(), 1, "{cgroup}: {procs:?}");
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", procs[0]))?;

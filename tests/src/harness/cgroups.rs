@@ -264,6 +264,35 @@ pub fn memory_limit(path: &str) -> Result<Option<u64>> {
     bail!("cgroup {path} has no memory controller file")
 }
 
+/// The CFS quota and period of cgroup `path` (see [`dirs_of`]) in microseconds: `cpu.max` on
+/// cgroup v2, `cpu.cfs_quota_us` and `cpu.cfs_period_us` on v1. `None` when unlimited.
+pub fn cpu_quota(path: &str) -> Result<Option<(u64, u64)>> {
+    for dir in dirs_of(path)? {
+        if let Ok(max) = fs::read_to_string(dir.join("cpu.max")) {
+            let mut parts = max.split_whitespace();
+            return match (parts.next(), parts.next().map(str::parse::<u64>)) {
+                (Some("max"), _) => Ok(None),
+                (Some(quota), Some(Ok(period))) => {
+                    Ok(Some((quota.parse().context("malformed cpu.max")?, period)))
+                }
+                _ => bail!("{}/cpu.max holds {max:?}", dir.display()),
+            };
+        }
+        if let (Ok(quota), Ok(period)) = (
+            fs::read_to_string(dir.join("cpu.cfs_quota_us")),
+            fs::read_to_string(dir.join("cpu.cfs_period_us")),
+        ) {
+            let quota: i64 = quota.trim().parse().context("malformed cpu.cfs_quota_us")?;
+            let period: u64 = period
+                .trim()
+                .parse()
+                .context("malformed cpu.cfs_period_us")?;
+            return Ok((quota > 0).then_some((quota as u64, period)));
+        }
+    }
+    bail!("cgroup {path} has no cpu controller file")
+}
+
 /// The processes in cgroup `path` (see [`dirs_of`]), from the first hierarchy that has it.
 pub fn processes(path: &str) -> Result<Vec<u32>> {
     for dir in dirs_of(path)? {

@@ -145,6 +145,8 @@ pub struct ContainerSpec {
     pub log_path: Option<String>,
     /// `resources.limits.memory` in bytes.
     pub memory_limit_in_bytes: Option<i64>,
+    /// `resources.limits.cpu` in millicores.
+    pub cpu_limit_millis: Option<i64>,
     /// `terminationMessagePath`: kubelet mounts a fresh host file there. Defaults to
     /// [`DEFAULT_TERMINATION_MESSAGE_PATH`] as the API server does; `None` for no mount.
     pub termination_message_path: Option<String>,
@@ -164,6 +166,7 @@ impl ContainerSpec {
             mounts: Vec::new(),
             log_path: None,
             memory_limit_in_bytes: None,
+            cpu_limit_millis: None,
             termination_message_path: Some(DEFAULT_TERMINATION_MESSAGE_PATH.into()),
         }
     }
@@ -210,6 +213,12 @@ impl ContainerSpec {
     /// Sets the memory limit.
     pub fn memory_limit(mut self, bytes: i64) -> Self {
         self.memory_limit_in_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets the CPU limit, in millicores.
+    pub fn cpu_limit(mut self, millis: i64) -> Self {
+        self.cpu_limit_millis = Some(millis);
         self
     }
 }
@@ -570,7 +579,7 @@ impl Cri {
                 .clone()
                 .unwrap_or_else(|| format!("{}/0.log", container.name)),
             linux: Some(cri::LinuxContainerConfig {
-                resources: Some(container_resources(container.memory_limit_in_bytes)),
+                resources: Some(container_resources(container)),
                 security_context: Some(cri::LinuxContainerSecurityContext {
                     namespace_options: Some(pod_namespaces()),
                     seccomp: Some(cri::SecurityProfile {
@@ -922,9 +931,11 @@ fn pod_namespaces() -> cri::NamespaceOption {
     }
 }
 
-/// kubelet's resources for a container with no requests and this memory limit: BestEffort
-/// without a limit; with one, Burstable with the memory request defaulted to the limit.
-fn container_resources(memory_limit: Option<i64>) -> cri::LinuxContainerResources {
+/// kubelet's resources for a container with no requests and `container`'s limits: BestEffort
+/// without limits; with them, Burstable with the requests defaulted to the limits (CPU
+/// shares from the request, CFS quota from the limit over a 100ms period).
+fn container_resources(container: &ContainerSpec) -> cri::LinuxContainerResources {
+    let memory_limit = container.memory_limit_in_bytes;
     let oom_score_adj = match memory_limit {
         None => 1000,
         Some(limit) => {
@@ -932,10 +943,14 @@ fn container_resources(memory_limit: Option<i64>) -> cri::LinuxContainerResource
             (1000 - (1000 * limit) / capacity).clamp(3, 999)
         }
     };
+    let (cpu_shares, cpu_quota) = match container.cpu_limit_millis {
+        Some(millis) => ((millis * 1024 / 1000).max(2), millis * 100),
+        None => (2, 0),
+    };
     cri::LinuxContainerResources {
         cpu_period: 100_000,
-        cpu_quota: 0,
-        cpu_shares: 2,
+        cpu_quota,
+        cpu_shares,
         memory_limit_in_bytes: memory_limit.unwrap_or(0),
         oom_score_adj,
         ..Default::default()
