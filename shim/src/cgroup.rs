@@ -143,6 +143,22 @@ impl Cgroup {
     /// applies `resources`; with the systemd driver, checks the path (the scope starts when
     /// the workload is placed).
     pub fn create(cgroups_path: &str, resources: &Resources) -> Result<Cgroup, CgroupError> {
+        let cgroup = Cgroup::locate(cgroups_path, resources)?;
+        if cgroup.scope.is_none() {
+            for (_, dir) in &cgroup.dirs {
+                fs::create_dir_all(dir).map_err(io(dir, "create"))?;
+            }
+            if cgroup.unified {
+                cgroup.enable_v2_controllers()?;
+            }
+            cgroup.apply()?;
+        }
+        Ok(cgroup)
+    }
+
+    /// The cgroup for `cgroups_path`, without creating anything: for reading one that
+    /// another runtime (runc) manages.
+    pub fn locate(cgroups_path: &str, resources: &Resources) -> Result<Cgroup, CgroupError> {
         let unified = is_unified();
         if let Some((slice, prefix, name)) = systemd_form(cgroups_path) {
             let bad_slice = || CgroupError::BadSlice {
@@ -194,20 +210,12 @@ impl Cgroup {
             };
             Path::new(&parent).join(cgroups_path.trim_start_matches('/'))
         };
-        let cgroup = Cgroup {
+        Ok(Cgroup {
             unified,
             dirs: hierarchy_dirs(unified, inside),
             resources: *resources,
             scope: None,
-        };
-        for (_, dir) in &cgroup.dirs {
-            fs::create_dir_all(dir).map_err(io(dir, "create"))?;
-        }
-        if cgroup.unified {
-            cgroup.enable_v2_controllers()?;
-        }
-        cgroup.apply()?;
-        Ok(cgroup)
+        })
     }
 
     /// Moves process `pid` (the workload, waiting to be released) into the cgroup; with
@@ -431,6 +439,11 @@ impl Cgroup {
         }
         Ok(())
     }
+}
+
+/// Whether a cgroupsPath is in the systemd driver's form `slice:prefix:name`.
+pub fn is_systemd_form(cgroups_path: &str) -> bool {
+    systemd_form(cgroups_path).is_some()
 }
 
 /// The parts of a cgroupsPath in the systemd driver's form `slice:prefix:name`.

@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod content;
 pub mod install;
+pub mod native;
 pub mod options;
 pub mod push;
 pub mod seccomp;

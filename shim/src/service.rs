@@ -32,6 +32,7 @@ use bulwark_runtime::run::Preopen;
 
 use crate::cgroup::{Cgroup, Resources};
 use crate::content::{IMAGE_NAME, fetch_wasm_layer};
+use crate::native::{NativeContainer, NativeStdio};
 use crate::options::config_path_from_options;
 use crate::spec::{ContainerSpec, SpecError};
 use crate::workload::{self, LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
@@ -129,6 +130,15 @@ enum Kind {
     /// A Wasm workload, run by a workload process.
     Wasm {
         plan_path: PathBuf,
+        cgroup: Option<Cgroup>,
+        stdio: StdioPaths,
+    },
+    /// A native container (where the node allows them), run by runc; its init process
+    /// exists from Create on.
+    Native {
+        container: NativeContainer,
+        init_pid: u32,
+        /// Its cgroup, which runc manages, for Stats.
         cgroup: Option<Cgroup>,
         stdio: StdioPaths,
     },
@@ -282,8 +292,8 @@ impl TaskService {
                     let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
                     let found = state.containers.iter_mut().find(|(_, c)| {
                         c.pid == pid as u32
-                            && c.status == Phase::Running
-                            && matches!(c.kind, Kind::Wasm { .. })
+                            && c.status != Phase::Stopped
+                            && !matches!(c.kind, Kind::Sandbox)
                     });
                     let Some((id, container)) = found else {
                         log::debug!("exit of pid {pid}, which runs no container");
@@ -317,9 +327,12 @@ impl TaskService {
         match result {
             Ok(kind) => Ok(Container {
                 bundle,
+                pid: match &kind {
+                    Kind::Native { init_pid, .. } => *init_pid,
+                    _ => 0,
+                },
                 kind,
                 status: Phase::Created,
-                pid: 0,
                 exit: None,
             }),
             Err(message) => {
@@ -349,26 +362,13 @@ impl TaskService {
         let entrypoint = spec.args.first().ok_or(
             "the container has no entrypoint: set command to the wasm file, e.g. [\"/app.wasm\"]",
         )?;
-        let module = match spec.host_path(&rootfs, entrypoint) {
-            Ok((path, _)) if path.is_file() => path,
-            in_rootfs => {
-                // No such file in a rootfs: the image may be a Wasm artifact, whose module
-                // is a layer in containerd's content store rather than a file.
-                let not_found = || {
-                    log::info!("entrypoint {entrypoint}: {in_rootfs:?}");
-                    format!(
-                        "entrypoint {entrypoint}: no such file in the container image (the entrypoint names the .wasm file to run, e.g. /app.wasm)"
-                    )
-                };
-                let image = spec.annotations.get(IMAGE_NAME).ok_or_else(not_found)?;
-                let dest = bundle.join("bulwark-module.wasm");
-                if !fetch_wasm_layer(&self.containerd_address, &self.namespace, image, &dest)? {
-                    return Err(not_found());
-                }
-                dest
-            }
-        };
-        check_module(&module, entrypoint, &policy)?;
+        let module = self.find_module(bundle, spec, entrypoint);
+        let is_wasm = module.as_ref().is_ok_and(|module| starts_like_wasm(module));
+        if !is_wasm && policy.allow_native {
+            return Self::prepare_native(bundle, spec, req);
+        }
+        let module = module?;
+        check_module(&module, entrypoint)?;
         let mut preopens = Vec::new();
         for grant in &policy.dirs {
             let (host, read_only) = spec
@@ -425,6 +425,68 @@ impl TaskService {
         };
         Ok(Kind::Wasm {
             plan_path,
+            cgroup,
+            stdio: StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+            },
+        })
+    }
+
+    /// The module file the entrypoint names: in the rootfs, or for a Wasm artifact, its
+    /// layer from containerd's content store.
+    fn find_module(
+        &self,
+        bundle: &Path,
+        spec: &ContainerSpec,
+        entrypoint: &str,
+    ) -> Result<PathBuf, String> {
+        let in_rootfs = match spec.host_path(&bundle.join("rootfs"), entrypoint) {
+            Ok((path, _)) if path.is_file() => return Ok(path),
+            other => other,
+        };
+        // No such file in a rootfs: the image may be a Wasm artifact, whose module is a
+        // layer in containerd's content store rather than a file.
+        let not_found = || {
+            log::info!("entrypoint {entrypoint}: {in_rootfs:?}");
+            format!(
+                "entrypoint {entrypoint}: no such file in the container image (the entrypoint names the .wasm file to run, e.g. /app.wasm)"
+            )
+        };
+        let image = spec.annotations.get(IMAGE_NAME).ok_or_else(not_found)?;
+        let dest = bundle.join("bulwark-module.wasm");
+        if !fetch_wasm_layer(&self.containerd_address, &self.namespace, image, &dest)? {
+            return Err(not_found());
+        }
+        Ok(dest)
+    }
+
+    /// A native container on a node that allows them: created by runc now, so that its
+    /// pid is known at Create, as containerd expects.
+    fn prepare_native(
+        bundle: &Path,
+        spec: &ContainerSpec,
+        req: &api::CreateTaskRequest,
+    ) -> Result<Kind, String> {
+        let stdio = NativeStdio {
+            stdin: open_stdio(&req.stdin, false)?,
+            stdout: open_stdio(&req.stdout, true)?,
+            stderr: open_stdio(&req.stderr, true)?,
+        };
+        let (container, init_pid) =
+            NativeContainer::create(&req.id, bundle, stdio).map_err(|e| e.to_string())?;
+        let cgroup = spec
+            .cgroups_path
+            .as_deref()
+            .and_then(|path| Cgroup::locate(path, &Resources::default()).ok());
+        log::info!(
+            "native container {} created by runc, pid {init_pid}",
+            req.id
+        );
+        Ok(Kind::Native {
+            container,
+            init_pid,
             cgroup,
             stdio: StdioPaths {
                 stdin: req.stdin.clone(),
@@ -534,8 +596,18 @@ fn open_stdio(path: &str, write: bool) -> Result<Stdio, String> {
         .map_err(|e| format!("cannot open {path}: {e}"))
 }
 
-/// Refuses entrypoints that are not WebAssembly, with a message that says what they are.
-fn check_module(module: &Path, entrypoint: &str, policy: &Policy) -> Result<(), String> {
+/// Whether the file starts with the WebAssembly magic (a module or a component).
+fn starts_like_wasm(module: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    File::open(module)
+        .and_then(|mut file| file.read(&mut head))
+        .is_ok_and(|read| detect_kind(&head[..read]).is_ok())
+}
+
+/// Refuses entrypoints that are not WebAssembly (on a node that allows no native
+/// containers), with a message that says what they are.
+fn check_module(module: &Path, entrypoint: &str) -> Result<(), String> {
     use std::io::Read;
     let mut head = [0u8; 8];
     let read = File::open(module)
@@ -544,12 +616,7 @@ fn check_module(module: &Path, entrypoint: &str, policy: &Policy) -> Result<(), 
     match detect_kind(&head[..read]) {
         Ok(_) => Ok(()),
         Err(not_wasm) if head.starts_with(b"\x7fELF") || head.starts_with(b"#!") => Err(format!(
-            "entrypoint {entrypoint} is a native executable, not WebAssembly: this runtime runs only Wasm ({})",
-            if policy.allow_native {
-                "native containers are allowed on this node but not supported by this version of Bulwark".to_string()
-            } else {
-                format!("capabilities.allow_native = false; {not_wasm}")
-            }
+            "entrypoint {entrypoint} is a native executable, not WebAssembly: this node runs only Wasm (capabilities.allow_native = false; {not_wasm})"
         )),
         Err(not_wasm) => Err(format!("entrypoint {entrypoint}: {not_wasm}")),
     }
@@ -641,6 +708,16 @@ impl containerd_shim::Task for TaskService {
                 stdio,
             } => TaskService::spawn_workload(plan_path, cgroup.as_ref(), stdio)
                 .map_err(|message| error(Code::INTERNAL, message))?,
+            Kind::Native {
+                container: native,
+                init_pid,
+                ..
+            } => {
+                native
+                    .start()
+                    .map_err(|e| error(Code::INTERNAL, e.to_string()))?;
+                *init_pid
+            }
         };
         container.pid = pid;
         container.status = Phase::Running;
@@ -659,7 +736,7 @@ impl containerd_shim::Task for TaskService {
         let container = state.get_mut(&req.id)?;
         match (&container.kind, container.status) {
             (_, Phase::Stopped) => {}
-            (Kind::Wasm { .. }, Phase::Running) => {
+            (Kind::Wasm { .. }, Phase::Running) | (Kind::Native { .. }, _) => {
                 // SAFETY: kill(2) on our own child's pid; it is not reaped until it exits.
                 if unsafe { libc::kill(container.pid as i32, req.signal as i32) } != 0 {
                     let err = std::io::Error::last_os_error();
@@ -726,6 +803,13 @@ impl containerd_shim::Task for TaskService {
                 log::warn!("{err}");
             }
         }
+        if let Kind::Native {
+            container: native, ..
+        } = &container.kind
+            && let Err(err) = native.delete()
+        {
+            log::warn!("{err}");
+        }
         unmount_rootfs(&container.bundle);
         let exit = container.exit.unwrap_or(Exit {
             code: 0,
@@ -763,7 +847,7 @@ impl containerd_shim::Task for TaskService {
             Phase::Stopped => api::Status::STOPPED,
         }
         .into();
-        if let Kind::Wasm { stdio, .. } = &container.kind {
+        if let Kind::Wasm { stdio, .. } | Kind::Native { stdio, .. } = &container.kind {
             response.stdin = stdio.stdin.clone();
             response.stdout = stdio.stdout.clone();
             response.stderr = stdio.stderr.clone();
@@ -796,6 +880,10 @@ impl containerd_shim::Task for TaskService {
         let container = state.get(&req.id)?;
         let usage = match &container.kind {
             Kind::Wasm {
+                cgroup: Some(cgroup),
+                ..
+            }
+            | Kind::Native {
                 cgroup: Some(cgroup),
                 ..
             } => cgroup.usage(),

@@ -222,6 +222,90 @@ async fn bad_annotations_and_native_entrypoints_never_start() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_sidecars_run_where_the_node_allows_them() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let binary = match std::env::var("BULWARK_TEST_CONTAINERD") {
+        Ok(version) if !version.is_empty() => {
+            tokio::task::spawn_blocking(move || containerd::fetch(&version)).await??
+        }
+        _ => PathBuf::from(containerd::SYSTEM_CONTAINERD),
+    };
+    let allowing = NODE_CONFIG.replace("allow_native = false", "allow_native = true");
+    let node = Node::start(binary, &allowing).await?;
+    let sleep = node.push_guest("sleep", Format::Layer)?;
+    let busybox = node.images.busybox.clone();
+    node.cri.pull(&sleep).await?;
+    node.cri.pull(&busybox).await?;
+
+    // A Wasm container and a native sidecar in one pod, one shim.
+    let pod = PodSpec::new("sidecar").runtime_handler("bulwark");
+    let pod_id = node.cri.run_pod(&pod).await?;
+    let wasm = ContainerSpec::new("wasm", sleep).args(["300"]);
+    let sidecar = ContainerSpec::new("sidecar", busybox).command([
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo native sidecar; for ns in ipc uts; do /bin/busybox readlink /proc/self/ns/$ns; done",
+    ]);
+    let wasm_id = node.cri.create_container(&pod_id, &pod, &wasm).await?;
+    let sidecar_id = node.cri.create_container(&pod_id, &pod, &sidecar).await?;
+    node.cri.start_container(&wasm_id).await?;
+    node.cri.start_container(&sidecar_id).await?;
+    assert_eq!(node.containerd.shim_pids().len(), 1, "one shim per pod");
+    let mut logs = Vec::new();
+    for id in [&wasm_id, &sidecar_id] {
+        let exit = node.cri.wait_exited(id, Duration::from_secs(30)).await?;
+        let log = node.cri.read_container_log(id).await?;
+        let text: Vec<String> = log.into_iter().map(|line| line.text).collect();
+        assert_eq!(exit.exit_code, 0, "{text:?}");
+        logs.push(text);
+        node.cri.remove_container(id).await?;
+    }
+    assert_eq!(logs[0], ["slept 300 ms"]);
+    assert_eq!(logs[1].first().map(String::as_str), Some("native sidecar"));
+    // The sandbox has no process: the sidecar gets IPC and UTS namespaces of its own, never
+    // the host's (which is where the shim, the sandbox's stand-in, lives).
+    for (line, namespace) in logs[1][1..].iter().zip(["ipc", "uts"]) {
+        let host = std::fs::read_link(format!("/proc/self/ns/{namespace}"))?;
+        assert_ne!(line.as_str(), host.to_string_lossy(), "{namespace}");
+        assert!(line.starts_with(&format!("{namespace}:[")), "{line}");
+    }
+    node.cri.stop_pod(&pod_id).await?;
+    node.cri.remove_pod(&pod_id).await?;
+
+    // A long-running sidecar stops when kubelet stops it.
+    let pod = PodSpec::new("sidecar-stop").runtime_handler("bulwark");
+    let pod_id = node.cri.run_pod(&pod).await?;
+    let sleeper = ContainerSpec::new("sleeper", node.images.busybox.clone()).command([
+        "/bin/busybox",
+        "sleep",
+        "3600",
+    ]);
+    let id = node.cri.create_container(&pod_id, &pod, &sleeper).await?;
+    node.cri.start_container(&id).await?;
+    let stats = node.cri.container_stats(&id).await?;
+    assert!(
+        stats
+            .memory
+            .and_then(|m| m.working_set_bytes.or(m.usage_bytes))
+            .map_or(0, |v| v.value)
+            > 0,
+        "stats of a native container"
+    );
+    node.cri.stop_container(&id, Duration::from_secs(2)).await?;
+    let exit = node.cri.wait_exited(&id, Duration::from_secs(10)).await?;
+    assert_eq!(
+        exit.exit_code,
+        128 + 9,
+        "busybox sleep as pid 1 ignores SIGTERM: SIGKILL"
+    );
+    node.cri.remove_container(&id).await?;
+    node.cri.stop_pod(&pod_id).await?;
+    node.cri.remove_pod(&pod_id).await?;
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_are_preopened_read_only_unless_granted() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
     let node = system_node().await?;
