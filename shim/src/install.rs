@@ -38,6 +38,14 @@ pub enum InstallError {
         /// The version found.
         version: String,
     },
+    /// A k3s/RKE2 template this installer cannot edit safely.
+    #[error(
+        "{path}: a containerd template that does not start with {BASE_TEMPLATE} (or holds other Go template directives) cannot be edited safely; add the bulwark runtime to it by hand"
+    )]
+    Template {
+        /// The file.
+        path: String,
+    },
     /// A key on the way to the runtimes table is not a table.
     #[error("{path}: {key} is not a table")]
     Shape {
@@ -202,6 +210,209 @@ pub fn line_diff(before: &str, after: &str) -> String {
     out
 }
 
+/// The first line of a k3s/RKE2 containerd template that keeps the distribution's own
+/// configuration and appends to it.
+pub const BASE_TEMPLATE: &str = "{{ template \"base\" . }}";
+
+/// The Kubernetes distribution that owns a node's containerd, which decides where its
+/// configuration lives and how it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Distribution {
+    /// containerd installed on its own (kubeadm, kind, most managed nodes).
+    Containerd,
+    /// k3s: containerd's config is generated at every start; it takes a template.
+    K3s,
+    /// RKE2: as k3s.
+    Rke2,
+    /// MicroK8s: containerd's config is a template in the snap's data.
+    MicroK8s,
+    /// k0s: containerd's config merges drop-in files.
+    K0s,
+}
+
+impl std::fmt::Display for ContainerdTarget {
+    /// What the file is, in words: `k3s's containerd template`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let owner = match self.distribution {
+            Distribution::Containerd => return f.write_str("containerd's config"),
+            Distribution::K3s => "k3s's",
+            Distribution::Rke2 => "RKE2's",
+            Distribution::MicroK8s => "MicroK8s's",
+            Distribution::K0s => "k0s's",
+        };
+        let what = match self.form {
+            ConfigForm::Config | ConfigForm::Template { .. } => "containerd template",
+            ConfigForm::DropIn => "containerd drop-in",
+        };
+        write!(f, "{owner} {what}")
+    }
+}
+
+/// How the runtime goes into a distribution's containerd configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigForm {
+    /// A containerd config file, edited in place.
+    Config,
+    /// A k3s/RKE2 template: [`BASE_TEMPLATE`] (the distribution's generated config) and
+    /// TOML appended to it, for a rendered config of this version.
+    Template {
+        /// The config version the distribution renders (2, or 3 for containerd 2.x).
+        version: i64,
+    },
+    /// A k0s drop-in, merged into the generated config by k0s.
+    DropIn,
+}
+
+/// Where and how Bulwark's runtime goes into a node's containerd configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerdTarget {
+    /// Whose containerd it is.
+    pub distribution: Distribution,
+    /// The file to edit, as a path on the node.
+    pub file: std::path::PathBuf,
+    /// What kind of file it is.
+    pub form: ConfigForm,
+    /// The systemd unit to restart to apply a change; `None` when the distribution applies
+    /// it on its own (k0s watches its drop-ins).
+    pub restart_unit: Option<&'static str>,
+}
+
+impl ContainerdTarget {
+    /// containerd's own config file at `file` (restarting `containerd.service`).
+    pub fn config(file: &Path) -> ContainerdTarget {
+        ContainerdTarget {
+            distribution: Distribution::Containerd,
+            file: file.to_owned(),
+            form: ConfigForm::Config,
+            restart_unit: Some("containerd"),
+        }
+    }
+
+    /// Finds which distribution runs containerd on the node whose paths `on_host` maps
+    /// (see [`Layout::on_host`]), by the files each one keeps; plain containerd's
+    /// `/etc/containerd/config.toml` when none matches.
+    pub fn detect(on_host: impl Fn(&Path) -> std::path::PathBuf) -> ContainerdTarget {
+        let exists = |path: &str| on_host(Path::new(path)).exists();
+        for (distribution, data, server_unit, agent_unit) in [
+            (
+                Distribution::K3s,
+                "/var/lib/rancher/k3s",
+                "k3s",
+                "k3s-agent",
+            ),
+            (
+                Distribution::Rke2,
+                "/var/lib/rancher/rke2",
+                "rke2-server",
+                "rke2-agent",
+            ),
+        ] {
+            let generated = format!("{data}/agent/etc/containerd/config.toml");
+            if !exists(&generated) {
+                continue;
+            }
+            // The generated file says which containerd renders it; 2.x reads its own
+            // template name.
+            let version = std::fs::read_to_string(on_host(Path::new(&generated)))
+                .ok()
+                .and_then(|text| parse(&text, &generated).ok())
+                .map_or(2, |(_, version)| version);
+            let template = if version >= 3 {
+                "config-v3.toml.tmpl"
+            } else {
+                "config.toml.tmpl"
+            };
+            return ContainerdTarget {
+                distribution,
+                file: Path::new(&data).join("agent/etc/containerd").join(template),
+                form: ConfigForm::Template { version },
+                // Only servers keep a server directory.
+                restart_unit: Some(if exists(&format!("{data}/server")) {
+                    server_unit
+                } else {
+                    agent_unit
+                }),
+            };
+        }
+        let microk8s = "/var/snap/microk8s/current/args/containerd-template.toml";
+        if exists(microk8s) {
+            return ContainerdTarget {
+                distribution: Distribution::MicroK8s,
+                file: microk8s.into(),
+                form: ConfigForm::Config,
+                restart_unit: Some("snap.microk8s.daemon-containerd"),
+            };
+        }
+        if exists("/etc/k0s/containerd.toml") {
+            return ContainerdTarget {
+                distribution: Distribution::K0s,
+                file: "/etc/k0s/containerd.d/bulwark.toml".into(),
+                form: ConfigForm::DropIn,
+                restart_unit: None,
+            };
+        }
+        ContainerdTarget::config(Path::new("/etc/containerd/config.toml"))
+    }
+
+    /// Returns `text` (the file's content, empty when it does not exist) with the runtime
+    /// added (`adding`) or removed. An empty result means the file should go: a template or
+    /// drop-in that held nothing but Bulwark's runtime.
+    pub fn edit(
+        &self,
+        text: &str,
+        path: &str,
+        bulwark_config: &Path,
+        adding: bool,
+    ) -> Result<String, InstallError> {
+        let change = |text: &str| {
+            if adding {
+                add_runtime(text, path, bulwark_config)
+            } else {
+                remove_runtime(text, path)
+            }
+        };
+        match self.form {
+            ConfigForm::Config => change(text),
+            ConfigForm::DropIn => {
+                let after = change(text)?;
+                Ok(if holds_no_tables(&after) {
+                    String::new()
+                } else {
+                    after
+                })
+            }
+            ConfigForm::Template { version } => {
+                let appended = match text.trim_start().strip_prefix(BASE_TEMPLATE) {
+                    Some(rest) => rest.trim_start_matches(['\r', '\n']),
+                    None if text.trim().is_empty() => "",
+                    None => return Err(InstallError::Template { path: path.into() }),
+                };
+                if appended.contains("{{") {
+                    return Err(InstallError::Template { path: path.into() });
+                }
+                // The appended TOML has no version of its own (the rendered base has it):
+                // give the editor one for the plugin's name, then take it off again.
+                let header = format!("version = {version}\n");
+                let edited = change(&format!("{header}{appended}"))?;
+                let edited = edited.strip_prefix(&header).unwrap_or(&edited);
+                if !adding && edited.trim().is_empty() {
+                    return Ok(String::new());
+                }
+                Ok(format!(
+                    "{BASE_TEMPLATE}\n\n{}",
+                    edited.trim_start_matches('\n')
+                ))
+            }
+        }
+    }
+}
+
+/// Whether a config holds nothing but top-level keys such as `version` (the editor leaves
+/// out tables that became empty).
+fn holds_no_tables(text: &str) -> bool {
+    text.lines().all(|line| !line.trim_start().starts_with('['))
+}
+
 /// Where an installation puts things, all under `host_root` (the node's `/` when the
 /// installer runs in a pod with the host's root mounted).
 #[derive(Debug, Clone)]
@@ -358,5 +569,128 @@ root = "/data/containerd"
     fn diffs_show_only_changes() {
         assert_eq!(line_diff("a\nb\nc\n", "a\nc\nd\n"), "-b\n+d\n");
         assert_eq!(line_diff("same\n", "same\n"), "");
+    }
+
+    fn node_with(files: &[&str]) -> tempfile::TempDir {
+        let node = tempfile::tempdir().unwrap();
+        for file in files {
+            let path = node.path().join(file.trim_start_matches('/'));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(
+                &path,
+                if file.ends_with(".toml") {
+                    "version = 3\n"
+                } else {
+                    ""
+                },
+            )
+            .unwrap();
+        }
+        node
+    }
+
+    fn detect_on(node: &tempfile::TempDir) -> ContainerdTarget {
+        ContainerdTarget::detect(|path| node.path().join(path.strip_prefix("/").unwrap()))
+    }
+
+    #[test]
+    fn distributions_are_found_by_their_files() {
+        let plain = detect_on(&node_with(&[]));
+        assert_eq!(
+            plain,
+            ContainerdTarget::config(Path::new("/etc/containerd/config.toml"))
+        );
+
+        // A k3s agent whose containerd is 2.x (its generated config is version 3).
+        let k3s = detect_on(&node_with(&[
+            "/var/lib/rancher/k3s/agent/etc/containerd/config.toml",
+        ]));
+        assert_eq!(k3s.distribution, Distribution::K3s);
+        assert_eq!(
+            k3s.file,
+            Path::new("/var/lib/rancher/k3s/agent/etc/containerd/config-v3.toml.tmpl")
+        );
+        assert_eq!(k3s.form, ConfigForm::Template { version: 3 });
+        assert_eq!(k3s.restart_unit, Some("k3s-agent"));
+
+        let rke2 = detect_on(&node_with(&[
+            "/var/lib/rancher/rke2/agent/etc/containerd/config.toml",
+            "/var/lib/rancher/rke2/server/token",
+        ]));
+        assert_eq!(rke2.distribution, Distribution::Rke2);
+        assert_eq!(rke2.restart_unit, Some("rke2-server"));
+
+        let microk8s = detect_on(&node_with(&[
+            "/var/snap/microk8s/current/args/containerd-template.toml",
+        ]));
+        assert_eq!(microk8s.form, ConfigForm::Config);
+        assert_eq!(
+            microk8s.restart_unit,
+            Some("snap.microk8s.daemon-containerd")
+        );
+
+        let k0s = detect_on(&node_with(&["/etc/k0s/containerd.toml"]));
+        assert_eq!(k0s.file, Path::new("/etc/k0s/containerd.d/bulwark.toml"));
+        assert_eq!((k0s.form, k0s.restart_unit), (ConfigForm::DropIn, None));
+    }
+
+    #[test]
+    fn templates_keep_the_base_and_go_away_when_only_bulwark_was_there() {
+        let target = ContainerdTarget {
+            distribution: Distribution::K3s,
+            file: "config.toml.tmpl".into(),
+            form: ConfigForm::Template { version: 2 },
+            restart_unit: Some("k3s"),
+        };
+        let config = Path::new(CONFIG);
+        let added = target.edit("", "t", config, true).unwrap();
+        assert!(added.starts_with(BASE_TEMPLATE), "{added}");
+        assert!(!added.contains("version"), "{added}");
+        assert!(
+            added.contains(r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.bulwark]"#)
+        );
+        assert_eq!(target.edit(&added, "t", config, true).unwrap(), added);
+        assert_eq!(target.edit(&added, "t", config, false).unwrap(), "");
+
+        // A template of the admin's own keeps its additions, with and without Bulwark.
+        let own = format!(
+            "{BASE_TEMPLATE}\n# ours\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/certs.d\"\n"
+        );
+        let added = target.edit(&own, "t", config, true).unwrap();
+        assert!(
+            added.contains("config_path") && added.contains("runtimes.bulwark"),
+            "{added}"
+        );
+        let removed = target.edit(&added, "t", config, false).unwrap();
+        assert!(
+            removed.contains("# ours") && !removed.contains("bulwark"),
+            "{removed}"
+        );
+
+        for unsafe_template in [
+            "[plugins]\n",
+            &format!("{BASE_TEMPLATE}\n{{{{ if .x }}}}\n"),
+        ] {
+            let error = target
+                .edit(unsafe_template, "t.tmpl", config, true)
+                .unwrap_err();
+            assert!(error.to_string().contains("t.tmpl"), "{error}");
+        }
+    }
+
+    #[test]
+    fn drop_ins_hold_the_runtime_alone() {
+        let target = ContainerdTarget {
+            distribution: Distribution::K0s,
+            file: "bulwark.toml".into(),
+            form: ConfigForm::DropIn,
+            restart_unit: None,
+        };
+        let added = target.edit("", "d", Path::new(CONFIG), true).unwrap();
+        assert!(added.contains("runtimes.bulwark"), "{added}");
+        assert_eq!(
+            target.edit(&added, "d", Path::new(CONFIG), false).unwrap(),
+            ""
+        );
     }
 }

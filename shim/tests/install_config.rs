@@ -7,7 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bulwark_shim::install::{POD_ANNOTATIONS, RUNTIME_TYPE, add_runtime, remove_runtime};
+use bulwark_shim::install::{
+    BASE_TEMPLATE, ConfigForm, ContainerdTarget, Distribution, POD_ANNOTATIONS, RUNTIME_TYPE,
+    add_runtime, remove_runtime,
+};
 
 fn containerd(version: &str) -> PathBuf {
     if version == "1.6.20" {
@@ -99,6 +102,103 @@ fn every_supported_containerd_reads_the_patched_default_config() {
     }
 }
 
+/// k3s and RKE2 render their template by putting their own config where
+/// [`BASE_TEMPLATE`] stands. With containerd's default config as that base (theirs is a
+/// trimmed one), the rendered file must be one containerd reads, with the runtime in it.
+#[test]
+fn a_rendered_k3s_template_is_a_config_containerd_reads() {
+    for (version, config_version) in [("1.7.24", 2), ("2.1.9", 3)] {
+        let binary = containerd(version);
+        let target = ContainerdTarget {
+            distribution: Distribution::K3s,
+            file: "config.toml.tmpl".into(),
+            form: ConfigForm::Template {
+                version: config_version,
+            },
+            restart_unit: Some("k3s"),
+        };
+        let template = target
+            .edit(
+                "",
+                "config.toml.tmpl",
+                Path::new("/etc/bulwark/config.toml"),
+                true,
+            )
+            .unwrap();
+        let base = run(&binary, &["config", "default"]);
+        let rendered = template.replacen(BASE_TEMPLATE, &base, 1);
+        let temp = tempfile::tempdir().unwrap();
+        let file = temp.path().join("config.toml");
+        std::fs::write(&file, &rendered).unwrap();
+        let dump = run(
+            &binary,
+            &["--config", file.to_str().unwrap(), "config", "dump"],
+        );
+        let dumped: toml::Table = toml::from_str(&dump).unwrap();
+        let plugin = if config_version == 3 {
+            "io.containerd.cri.v1.runtime"
+        } else {
+            "io.containerd.grpc.v1.cri"
+        };
+        let runtimes = &dumped["plugins"][plugin]["containerd"]["runtimes"];
+        assert_eq!(
+            runtimes["bulwark"]["runtime_type"].as_str(),
+            Some(RUNTIME_TYPE),
+            "{version}: {dump}"
+        );
+        assert!(runtimes.get("runc").is_some(), "{version}: runc lost");
+    }
+}
+
+#[test]
+fn on_a_k3s_node_install_writes_the_template_and_uninstall_removes_it() {
+    let node = tempfile::tempdir().unwrap();
+    let root = node.path().to_str().unwrap();
+    let containerd_dir = node.path().join("var/lib/rancher/k3s/agent/etc/containerd");
+    std::fs::create_dir_all(&containerd_dir).unwrap();
+    // k3s's generated config, which k3s rewrites at every start: never edited.
+    let generated = run(Path::new("/usr/bin/containerd"), &["config", "default"]);
+    std::fs::write(containerd_dir.join("config.toml"), &generated).unwrap();
+    let template = containerd_dir.join("config.toml.tmpl");
+
+    let output = bulwark(&["install", "--host-root", root, "--no-restart"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("config.toml.tmpl: k3s's containerd template"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("restart k3s-agent"), "{stdout}");
+    let written = std::fs::read_to_string(&template).unwrap();
+    assert!(written.starts_with(BASE_TEMPLATE), "{written}");
+    assert!(written.contains("runtimes.bulwark"), "{written}");
+    assert_eq!(
+        std::fs::read_to_string(containerd_dir.join("config.toml")).unwrap(),
+        generated
+    );
+    let again = bulwark(&["install", "--host-root", root, "--no-restart"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to change"));
+
+    let output = bulwark(&["uninstall", "--host-root", root, "--no-restart"]);
+    assert!(output.status.success());
+    assert!(!template.exists(), "the template is left");
+    assert!(
+        !node
+            .path()
+            .join("usr/local/bin/containerd-shim-bulwark-v1")
+            .exists()
+    );
+}
+
+/// Where the plain containerd config is, as the installer names it (on the node).
+fn containerd_config_on_node() -> &'static str {
+    "/etc/containerd/config.toml"
+}
+
 fn bulwark(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_bulwark"))
         .args(args)
@@ -183,7 +283,10 @@ fn install_and_uninstall_change_a_node_and_restore_it() {
     let output = install(&["--config", settings]);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
-        "nothing to change\n"
+        format!(
+            "{}: containerd's config\nnothing to change\n",
+            containerd_config_on_node()
+        )
     );
 
     let output = bulwark(&["uninstall", "--host-root", root, "--no-restart"]);
@@ -205,6 +308,9 @@ fn install_and_uninstall_change_a_node_and_restore_it() {
     let output = bulwark(&["uninstall", "--host-root", root, "--no-restart"]);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
-        "nothing to change\n"
+        format!(
+            "{}: containerd's config\nnothing to change\n",
+            containerd_config_on_node()
+        )
     );
 }

@@ -49,6 +49,15 @@ check "no limits at all render valid objects" valid \
 check "the rendered node configuration is one Bulwark accepts" node_config_accepted
 check "custom node configuration is one Bulwark accepts" node_config_accepted \
     --set defaults.fuel=5000000 --set defaults.timeout=10m --set capabilities.allowNative=true
+installer_args() { # wanted-grep-status, values...
+    local wanted=$1; shift
+    render "$@" --show-only templates/daemonset.yaml > "$work/ds.yaml"
+    grep -q -- "--containerd-config=" "$work/ds.yaml"
+    [ $? -eq "$wanted" ]
+}
+check "by default the installer finds containerd's config itself" installer_args 1
+check "a configPath value reaches the installer" installer_args 0 \
+    --set containerd.configPath=/etc/containerd/custom.toml
 refuses "a malformed memory quantity is rejected" "defaults.memory" render --set defaults.memory=lots
 refuses "a malformed duration is rejected" "ceilings.timeout" render --set ceilings.timeout=forever
 refuses "a negative fuel is rejected" "defaults.fuel" render --set defaults.fuel=-3

@@ -58,13 +58,10 @@ enum Command {
 
 #[derive(Args)]
 struct InstallArgs {
-    /// containerd's config on the node
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/etc/containerd/config.toml"
-    )]
-    containerd_config: PathBuf,
+    /// containerd's config on the node [default: found by distribution: k3s's or RKE2's
+    /// template, MicroK8s's template, a k0s drop-in, else /etc/containerd/config.toml]
+    #[arg(long, value_name = "PATH")]
+    containerd_config: Option<PathBuf>,
     /// Directory on containerd's PATH for the shim, on the node
     #[arg(long, value_name = "DIR", default_value = "/usr/local/bin")]
     shim_dir: PathBuf,
@@ -433,13 +430,19 @@ fn build_image(args: ImageBuildArgs) -> Result<ExitCode> {
 
 /// `bulwark install` (`adding`) and `bulwark uninstall`.
 fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
-    use bulwark_shim::install::{Layout, add_runtime, line_diff, remove_runtime, write_atomically};
-    let layout = Layout {
+    use bulwark_shim::install::{ContainerdTarget, Layout, line_diff, write_atomically};
+    let mut layout = Layout {
         host_root: args.host_root.clone(),
-        containerd_config: args.containerd_config.clone(),
+        containerd_config: PathBuf::new(),
         shim_dir: args.shim_dir.clone(),
         bulwark_config: PathBuf::from(bulwark_runtime::config::DEFAULT_CONFIG_PATH),
     };
+    let target = match &args.containerd_config {
+        Some(file) => ContainerdTarget::config(file),
+        None => ContainerdTarget::detect(|path| layout.on_host(path)),
+    };
+    layout.containerd_config = target.file.clone();
+    println!("{}: {target}", target.file.display());
     let mut changed = false;
 
     // containerd's config: read (a missing file is containerd's defaults), edit, diff.
@@ -450,12 +453,9 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         Err(error) => return Err(input(format!("{}: {error}", config_path.display()))),
     };
     let shown = config_path.display().to_string();
-    let after = if adding {
-        add_runtime(&before, &shown, &layout.bulwark_config)
-    } else {
-        remove_runtime(&before, &shown)
-    }
-    .map_err(input)?;
+    let after = target
+        .edit(&before, &shown, &layout.bulwark_config, adding)
+        .map_err(input)?;
 
     // Bulwark's node configuration: validated before anything is written.
     let node_config = match &args.config {
@@ -520,8 +520,14 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
             write_atomically(&backup, before.as_bytes(), 0o600)
                 .with_context(|| format!("cannot write the backup {}", backup.display()))?;
         }
-        write_atomically(&config_path, after.as_bytes(), 0o644)
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        if after.is_empty() {
+            // A template or drop-in that held only the runtime: the node is as before.
+            std::fs::remove_file(&config_path)
+                .with_context(|| format!("cannot remove {}", config_path.display()))?;
+        } else {
+            write_atomically(&config_path, after.as_bytes(), 0o644)
+                .with_context(|| format!("cannot write {}", config_path.display()))?;
+        }
         println!(
             "{} the bulwark runtime in {} (backup: {})",
             if adding { "added" } else { "removed" },
@@ -531,25 +537,27 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         changed = true;
     }
 
-    if !changed {
-        println!("nothing to change");
-    } else if args.no_restart {
-        println!("restart containerd to apply the change (--no-restart)");
-    } else {
-        restart_containerd(&layout)?;
+    match (changed, target.restart_unit) {
+        (false, _) => println!("nothing to change"),
+        (true, None) => println!("{target}: applied by the distribution on its own"),
+        (true, Some(unit)) if args.no_restart => {
+            println!("restart {unit} to apply the change (--no-restart)")
+        }
+        (true, Some(unit)) => restart(&layout, unit)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Restarts containerd through the node's systemd (from a pod: in PID 1's namespaces).
-fn restart_containerd(layout: &bulwark_shim::install::Layout) -> Result<()> {
+/// Restarts `unit` (containerd, or the distribution that runs it) through the node's
+/// systemd (from a pod: in PID 1's namespaces).
+fn restart(layout: &bulwark_shim::install::Layout, unit: &str) -> Result<()> {
     if !layout.on_host(Path::new("/run/systemd/system")).is_dir() {
         bail!(
-            "containerd must be restarted to apply the change, and this node has no systemd to do it: restart it yourself, or rerun with --no-restart"
+            "{unit} must be restarted to apply the change, and this node has no systemd to do it: restart it yourself, or rerun with --no-restart"
         );
     }
     let mut command = std::process::Command::new("systemctl");
-    command.args(["restart", "containerd"]);
+    command.args(["restart", unit]);
     // From a pod (hostPID), run systemctl in the namespaces PID 1 sees, so the node's own
     // systemctl and systemd answer. The namespaces are opened here, entered between fork
     // and exec.
@@ -584,9 +592,9 @@ fn restart_containerd(layout: &bulwark_shim::install::Layout) -> Result<()> {
     drop(namespaces);
     anyhow::ensure!(
         status.success(),
-        "systemctl restart containerd failed ({status})"
+        "systemctl restart {unit} failed ({status})"
     );
-    println!("restarted containerd");
+    println!("restarted {unit}");
     Ok(())
 }
 
