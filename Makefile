@@ -16,12 +16,12 @@ BUILD      := build
 GUESTS     := $(BUILD)/guests
 COMPONENTS := $(BUILD)/components
 NATIVE     := $(BUILD)/native
-BIN        := target/release
+BIN        := target/x86_64-unknown-linux-gnu/release
 BULWARK    := $(BIN)/bulwark
 # The C guests that also exist as WASI preview 2 command components.
 COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 
-APT_PACKAGES := clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
+APT_PACKAGES := libc6-dev clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
 	containerd runc docker-registry skopeo busybox-static protobuf-compiler
 
 .PHONY: all build guests components deps demo demo-cli test test-matrix test-cgroup2 installer-image kind-test bench lint clean

@@ -402,7 +402,13 @@ fn deadline_precision() {
         "| guest | deadline | median elapsed (ms) | max elapsed (ms) | median overshoot (ms) |"
     );
     println!("|---|---|---|---|---|");
-    let bulwark = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/bulwark");
+    // The bench runs from `<release dir>/deps`; the CLI is built next to that.
+    let bulwark = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("bulwark");
     let cache = tempfile::tempdir().unwrap();
     for (label, guest, args) in [
         ("loop.wat (busy in Wasm)", "loop", vec![]),

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 HELM=build/tools/helm
 CHART=charts/bulwark
-BULWARK=target/release/bulwark
+BULWARK=target/x86_64-unknown-linux-gnu/release/bulwark
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0

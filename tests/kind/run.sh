@@ -33,7 +33,7 @@ kind create cluster --name "$CLUSTER" --config k8s/kind-cluster.yaml --wait 120s
 skopeo copy oci:build/installer-image:latest "oci-archive:$work/installer.tar:bulwark-installer:test"
 kind load image-archive "$work/installer.tar" --name "$CLUSTER"
 for guest in sleep loop fileio; do
-    target/release/bulwark image build --name "localhost:5001/bulwark-$guest:v1" \
+    target/x86_64-unknown-linux-gnu/release/bulwark image build --name "localhost:5001/bulwark-$guest:v1" \
         --archive "$work/$guest.tar" "build/guests/$guest.wasm"
     kind load image-archive "$work/$guest.tar" --name "$CLUSTER"
 done

@@ -37,6 +37,15 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
+/// Where this build's binaries are: `target/<target triple>/release` (the workspace builds
+/// for an explicit target, see `.cargo/config.toml`).
+pub fn release_dir() -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join(env!("BULWARK_TESTS_TARGET"))
+        .join("release")
+}
+
 /// The workspace's `build/` directory, where downloaded and generated artifacts go.
 pub fn build_dir() -> PathBuf {
     workspace_root().join("build")

@@ -23,7 +23,7 @@ fn install(config: &Path) -> Result<Option<PathBuf>> {
         .parent()
         .context("config has no directory")?
         .join("bin");
-    let bulwark = bulwark_tests::workspace_root().join("target/release/bulwark");
+    let bulwark = bulwark_tests::release_dir().join("bulwark");
     let output = std::process::Command::new(&bulwark)
         .args(["install", "--no-restart", "--containerd-config"])
         .arg(config)
@@ -56,12 +56,11 @@ async fn installed_node_runs_a_limited_pod(binary: PathBuf) -> Result<()> {
 
     let module = bulwark_tests::build_dir().join("guests/loop.wasm");
     let image = format!("{}/installed-loop:v1", registry.addr());
-    let status =
-        std::process::Command::new(bulwark_tests::workspace_root().join("target/release/bulwark"))
-            .args(["image", "push", "--insecure"])
-            .arg(&module)
-            .arg(&image)
-            .status()?;
+    let status = std::process::Command::new(bulwark_tests::release_dir().join("bulwark"))
+        .args(["image", "push", "--insecure"])
+        .arg(&module)
+        .arg(&image)
+        .status()?;
     ensure!(status.success(), "bulwark image push failed");
 
     let cri = containerd.cri().await?;

@@ -15,14 +15,13 @@ struct Run {
 }
 
 fn bulwark(cache: &std::path::Path, args: &[&str]) -> Run {
-    let output =
-        std::process::Command::new(bulwark_tests::workspace_root().join("target/release/bulwark"))
-            .env_clear()
-            .env("BULWARK_CACHE_DIR", cache)
-            .arg("run")
-            .args(args)
-            .output()
-            .unwrap();
+    let output = std::process::Command::new(bulwark_tests::release_dir().join("bulwark"))
+        .env_clear()
+        .env("BULWARK_CACHE_DIR", cache)
+        .arg("run")
+        .args(args)
+        .output()
+        .unwrap();
     Run {
         code: output.status.code().unwrap(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),

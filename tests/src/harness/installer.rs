@@ -1,45 +1,50 @@
 //! The installer image (`images/installer`): `bulwark` and `containerd-shim-bulwark-v1`
-//! from this build at the image's root, with the few shared libraries they load, as an
-//! ordinary OCI image built without a Docker engine. The Helm chart's DaemonSet runs it.
+//! from this build at the image's root and nothing else (they are statically linked), as
+//! an ordinary OCI image built without a Docker engine. The Helm chart's DaemonSet runs it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
 use bulwark_runtime::image::{self, Image, LayerEntry, RunConfig};
 
-/// The binaries the image carries, from `target/release`.
+/// The binaries the image carries, from this build's release directory.
 pub const BINARIES: [&str; 2] = ["bulwark", "containerd-shim-bulwark-v1"];
 
-/// The shared libraries (and the dynamic loader) a binary needs, from `ldd`.
-fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let output = Command::new("ldd")
+/// Whether an ELF binary asks for a dynamic loader (a `PT_INTERP` program header), as
+/// binutils' `readelf` shows it.
+fn is_dynamic(binary: &Path) -> Result<bool> {
+    let output = Command::new("readelf")
+        .args(["--program-headers", "--wide"])
         .arg(binary)
         .output()
-        .context("cannot run ldd")?;
-    ensure!(output.status.success(), "ldd {} failed", binary.display());
-    Ok(String::from_utf8(output.stdout)?
+        .context("cannot run readelf (binutils)")?;
+    ensure!(
+        output.status.success(),
+        "readelf {} failed",
+        binary.display()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter_map(|line| {
-            let path = match line.split_once("=>") {
-                Some((_, target)) => target.split_whitespace().next()?,
-                None => line.split_whitespace().next()?,
-            };
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect())
+        .any(|line| line.trim_start().starts_with("INTERP")))
 }
 
 /// Builds the installer image from this build's binaries.
 pub fn installer_image() -> Result<Image> {
-    let release = crate::workspace_root().join("target/release");
+    let release = crate::release_dir();
     let mut entries = Vec::new();
-    let mut libraries = std::collections::BTreeSet::new();
     for name in BINARIES {
         let binary = release.join(name);
         ensure!(
             binary.exists(),
             "{} is missing: run `make build`",
+            binary.display()
+        );
+        // The node's C library may be older than the build machine's; nothing but the two
+        // binaries goes into the image.
+        ensure!(
+            !is_dynamic(&binary)?,
+            "{} is dynamically linked: build with the workspace's .cargo/config.toml",
             binary.display()
         );
         // Debug line tables are for developers' backtraces; nodes get the code only.
@@ -54,16 +59,6 @@ pub fn installer_image() -> Result<Image> {
         ensure!(status.success(), "strip {} failed", binary.display());
         let bytes = std::fs::read(stripped.path())?;
         entries.push(LayerEntry::file(format!("/{name}"), bytes, 0o755));
-        libraries.extend(shared_libraries(&binary)?);
-    }
-    for library in libraries {
-        let bytes = std::fs::read(&library)
-            .with_context(|| format!("cannot read {}", library.display()))?;
-        entries.push(LayerEntry::file(
-            library.display().to_string(),
-            bytes,
-            0o755,
-        ));
     }
     Ok(image::ordinary_image(
         &entries,

@@ -33,7 +33,7 @@ pub const HANDLER: &str = "bulwark";
 
 /// The shim binary of this build.
 pub fn shim_binary() -> Result<PathBuf> {
-    let path = crate::workspace_root().join("target/release/containerd-shim-bulwark-v1");
+    let path = crate::release_dir().join("containerd-shim-bulwark-v1");
     ensure!(
         path.exists(),
         "{} is missing: run `make build`",
@@ -44,7 +44,7 @@ pub fn shim_binary() -> Result<PathBuf> {
 
 /// The `bulwark` CLI of this build.
 pub fn bulwark_binary() -> Result<PathBuf> {
-    let path = crate::workspace_root().join("target/release/bulwark");
+    let path = crate::release_dir().join("bulwark");
     ensure!(
         path.exists(),
         "{} is missing: run `make build`",
