@@ -97,12 +97,18 @@ impl NativeContainer {
         )?;
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
-            .and_then(|text| text.trim().parse().ok())
-            .ok_or_else(|| NativeError::Runc {
-                action: "create",
-                message: format!("no pid in {}", pid_file.display()),
-            })?;
-        Ok((container, pid))
+            .and_then(|text| text.trim().parse().ok());
+        match pid {
+            Some(pid) => Ok((container, pid)),
+            None => {
+                // Created but unusable: take it down again rather than leave it waiting.
+                let _ = container.delete();
+                Err(NativeError::Runc {
+                    action: "create",
+                    message: format!("no pid in {}", pid_file.display()),
+                })
+            }
+        }
     }
 
     /// `runc start`: the init process runs the container's entrypoint.

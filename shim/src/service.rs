@@ -689,7 +689,7 @@ impl containerd_shim::Task for TaskService {
         if !req.exec_id.is_empty() {
             return Err(error(
                 Code::UNIMPLEMENTED,
-                "exec is not supported: a Wasm container has no shell to run commands in",
+                "exec is not supported by Bulwark: a Wasm container has no shell to run commands in",
             ));
         }
         let mut state = self.lock();
@@ -900,7 +900,7 @@ impl containerd_shim::Task for TaskService {
     fn exec(&self, _ctx: &TtrpcContext, _req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
         Err(error(
             Code::UNIMPLEMENTED,
-            "exec is not supported: a Wasm container has no shell or processes to run commands in",
+            "exec is not supported by Bulwark: a Wasm container has no shell or processes to run commands in",
         ))
     }
 

@@ -42,11 +42,30 @@ fn run(binary: &Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// The CRI runtimes table of `config` as containerd `binary` reads it back
+/// (`config dump`; `version3`: containerd 2.x's plugin), and the whole dump.
+fn runtimes_as_read(binary: &Path, config: &str, version3: bool) -> (toml::Value, String) {
+    let temp = tempfile::tempdir().unwrap();
+    let file = temp.path().join("config.toml");
+    std::fs::write(&file, config).unwrap();
+    let dump = run(
+        binary,
+        &["--config", file.to_str().unwrap(), "config", "dump"],
+    );
+    let dumped: toml::Table = toml::from_str(&dump).unwrap();
+    let plugin = if version3 {
+        "io.containerd.cri.v1.runtime"
+    } else {
+        "io.containerd.grpc.v1.cri"
+    };
+    let runtimes = dumped["plugins"][plugin]["containerd"]["runtimes"].clone();
+    (runtimes, dump)
+}
+
 #[test]
 fn every_supported_containerd_reads_the_patched_default_config() {
     for version in ["1.6.20", "1.7.24", "2.1.9"] {
         let binary = containerd(version);
-        let temp = tempfile::tempdir().unwrap();
         let default = run(&binary, &["config", "default"]);
         let patched = add_runtime(
             &default,
@@ -69,19 +88,8 @@ fn every_supported_containerd_reads_the_patched_default_config() {
             default,
             "{version}: not reversible"
         );
-        let file = temp.path().join("config.toml");
-        std::fs::write(&file, &patched).unwrap();
-        let dump = run(
-            &binary,
-            &["--config", file.to_str().unwrap(), "config", "dump"],
-        );
-        let dumped: toml::Table = toml::from_str(&dump).unwrap();
-        let plugin = if version.starts_with('2') {
-            "io.containerd.cri.v1.runtime"
-        } else {
-            "io.containerd.grpc.v1.cri"
-        };
-        let runtimes = &dumped["plugins"][plugin]["containerd"]["runtimes"];
+        let (runtimes, dump) = runtimes_as_read(&binary, &patched, version.starts_with('2'));
+        let runtimes = &runtimes;
         let bulwark = &runtimes["bulwark"];
         assert_eq!(
             bulwark["runtime_type"].as_str(),
@@ -127,20 +135,8 @@ fn a_rendered_k3s_template_is_a_config_containerd_reads() {
             .unwrap();
         let base = run(&binary, &["config", "default"]);
         let rendered = template.replacen(BASE_TEMPLATE, &base, 1);
-        let temp = tempfile::tempdir().unwrap();
-        let file = temp.path().join("config.toml");
-        std::fs::write(&file, &rendered).unwrap();
-        let dump = run(
-            &binary,
-            &["--config", file.to_str().unwrap(), "config", "dump"],
-        );
-        let dumped: toml::Table = toml::from_str(&dump).unwrap();
-        let plugin = if config_version == 3 {
-            "io.containerd.cri.v1.runtime"
-        } else {
-            "io.containerd.grpc.v1.cri"
-        };
-        let runtimes = &dumped["plugins"][plugin]["containerd"]["runtimes"];
+        let (runtimes, dump) = runtimes_as_read(&binary, &rendered, config_version == 3);
+        let runtimes = &runtimes;
         assert_eq!(
             runtimes["bulwark"]["runtime_type"].as_str(),
             Some(RUNTIME_TYPE),

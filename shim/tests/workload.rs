@@ -159,7 +159,12 @@ fn a_limit_writes_the_termination_log() {
         &[(Knob::Fuel, "1000000")],
     );
     let output = workload(&plan, "");
-    assert_eq!(output.status.code(), Some(152));
+    assert_eq!(
+        output.status.code(),
+        Some(152),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(
         fs::read_to_string(temp.path().join("termination-log")).unwrap(),
         "fuel exhausted after 1000000 units (bulwark.dev/fuel)\n"

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use bulwark_tests::harness::cgroups;
 use bulwark_tests::harness::containerd;
 use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
-use bulwark_tests::harness::node::{Format, NODE_CONFIG, Node, annotated};
+use bulwark_tests::harness::node::{Finished, Format, NODE_CONFIG, Node, annotated};
 use tokio::sync::Mutex;
 
 /// One containerd at a time: they share /run/containerd/s and the machine's 2 cores.
@@ -23,14 +23,35 @@ fn pod(name: &str) -> PodSpec {
 
 /// Which containerd the suite runs on: Debian 12's 1.6.20, or the version named by
 /// `BULWARK_TEST_CONTAINERD` (1.7.24 or 2.1.9, fetched on first use; `make test-matrix`).
-async fn system_node() -> Result<Node> {
-    let binary = match std::env::var("BULWARK_TEST_CONTAINERD") {
+async fn suite_containerd() -> Result<PathBuf> {
+    Ok(match std::env::var("BULWARK_TEST_CONTAINERD") {
         Ok(version) if !version.is_empty() => {
             tokio::task::spawn_blocking(move || containerd::fetch(&version)).await??
         }
         _ => PathBuf::from(containerd::SYSTEM_CONTAINERD),
-    };
-    Node::start(binary, NODE_CONFIG).await
+    })
+}
+
+/// A node on the suite's containerd with the tests' node configuration.
+async fn system_node() -> Result<Node> {
+    Node::start(suite_containerd().await?, NODE_CONFIG).await
+}
+
+/// Fails unless a run ended with `code` and `reason` on stderr and in the termination
+/// message (which `kubectl describe` shows).
+fn assert_limit_fired(what: &str, done: &Finished, code: i32, reason: &str) {
+    assert_eq!(done.exit.exit_code, code, "{what}: {}", done.stderr);
+    assert!(
+        done.stderr.contains(&format!("bulwark: {reason}")),
+        "{what}: {}",
+        done.stderr
+    );
+    assert!(
+        done.exit.termination_message.starts_with(reason),
+        "{what}: termination message {:?}",
+        done.exit.termination_message
+    );
+    assert_eq!(done.exit.reason, "Error", "{what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,19 +149,7 @@ async fn limits_fire_with_their_exit_code_and_reason() -> Result<()> {
                 ContainerSpec::new(name, image.clone()),
             )
             .await?;
-        assert_eq!(done.exit.exit_code, code, "{name}: {}", done.stderr);
-        assert!(
-            done.stderr.contains(&format!("bulwark: {reason}")),
-            "{name}: {}",
-            done.stderr
-        );
-        // kubelet reads the termination-message file: `kubectl describe` shows the reason.
-        assert!(
-            done.exit.termination_message.starts_with(reason),
-            "{name}: termination message {:?}",
-            done.exit.termination_message
-        );
-        assert_eq!(done.exit.reason, "Error", "{name}");
+        assert_limit_fired(name, &done, code, reason);
     }
 
     // A pod memory limit and no annotation: the guest is bounded inside the limit and ends
@@ -152,17 +161,11 @@ async fn limits_fire_with_their_exit_code_and_reason() -> Result<()> {
             ContainerSpec::new("pod-memory-limit", membomb.clone()).memory_limit(64 << 20),
         )
         .await?;
-    let reason = "memory limit of 48Mi reached (container memory limit 64Mi, less 16Mi kept for the runtime)";
-    assert_eq!(done.exit.exit_code, 137, "{}", done.stderr);
-    assert!(
-        done.stderr.contains(&format!("bulwark: {reason}")),
-        "{}",
-        done.stderr
-    );
-    assert!(
-        done.exit.termination_message.starts_with(reason),
-        "{:?}",
-        done.exit.termination_message
+    assert_limit_fired(
+        "pod memory limit",
+        &done,
+        137,
+        "memory limit of 48Mi reached (container memory limit 64Mi, less 16Mi kept for the runtime)",
     );
     assert!(done.stdout.contains("allocated 32 MiB"), "{}", done.stdout);
     let hello = node.push_guest("hello", Format::Layer)?;
@@ -224,14 +227,8 @@ async fn bad_annotations_and_native_entrypoints_never_start() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_sidecars_run_where_the_node_allows_them() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
-    let binary = match std::env::var("BULWARK_TEST_CONTAINERD") {
-        Ok(version) if !version.is_empty() => {
-            tokio::task::spawn_blocking(move || containerd::fetch(&version)).await??
-        }
-        _ => PathBuf::from(containerd::SYSTEM_CONTAINERD),
-    };
     let allowing = NODE_CONFIG.replace("allow_native = false", "allow_native = true");
-    let node = Node::start(binary, &allowing).await?;
+    let node = Node::start(suite_containerd().await?, &allowing).await?;
     let sleep = node.push_guest("sleep", Format::Layer)?;
     let busybox = node.images.busybox.clone();
     node.cri.pull(&sleep).await?;
