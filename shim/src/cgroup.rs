@@ -143,7 +143,8 @@ impl Cgroup {
     /// applies `resources`; with the systemd driver, checks the path (the scope starts when
     /// the workload is placed).
     pub fn create(cgroups_path: &str, resources: &Resources) -> Result<Cgroup, CgroupError> {
-        let cgroup = Cgroup::locate(cgroups_path, resources)?;
+        let mut cgroup = Cgroup::locate(cgroups_path)?;
+        cgroup.resources = *resources;
         if cgroup.scope.is_none() {
             for (_, dir) in &cgroup.dirs {
                 fs::create_dir_all(dir).map_err(io(dir, "create"))?;
@@ -156,9 +157,9 @@ impl Cgroup {
         Ok(cgroup)
     }
 
-    /// The cgroup for `cgroups_path`, without creating anything: for reading one that
-    /// another runtime (runc) manages.
-    pub fn locate(cgroups_path: &str, resources: &Resources) -> Result<Cgroup, CgroupError> {
+    /// The cgroup for `cgroups_path`, without creating anything or any resources to apply:
+    /// for reading one that another runtime (runc) manages.
+    pub fn locate(cgroups_path: &str) -> Result<Cgroup, CgroupError> {
         let unified = is_unified();
         if let Some((slice, prefix, name)) = systemd_form(cgroups_path) {
             let bad_slice = || CgroupError::BadSlice {
@@ -184,7 +185,7 @@ impl Cgroup {
             return Ok(Cgroup {
                 unified,
                 dirs: hierarchy_dirs(unified, |_| inside.clone()),
-                resources: *resources,
+                resources: Resources::default(),
                 scope: Some(Scope {
                     slice: slice.to_owned(),
                     unit,
@@ -213,7 +214,7 @@ impl Cgroup {
         Ok(Cgroup {
             unified,
             dirs: hierarchy_dirs(unified, inside),
-            resources: *resources,
+            resources: Resources::default(),
             scope: None,
         })
     }

@@ -121,14 +121,12 @@ pub fn add_runtime(text: &str, path: &str, bulwark_config: &Path) -> Result<Stri
         document.insert("version", value(version));
     }
     let runtimes = runtimes(&mut document, version, path)?;
-    let runtime = runtimes
-        .entry(RUNTIME_NAME)
-        .or_insert_with(|| Item::Table(Table::new()))
-        .as_table_mut()
-        .ok_or_else(|| InstallError::Shape {
-            path: path.to_owned(),
-            key: format!("runtimes.{RUNTIME_NAME}"),
-        })?;
+    let runtime = subtable(
+        runtimes,
+        RUNTIME_NAME,
+        path,
+        format!("runtimes.{RUNTIME_NAME}"),
+    )?;
     set_if_different(runtime, "runtime_type", value(RUNTIME_TYPE));
     let has_annotation = runtime
         .get("pod_annotations")
@@ -143,20 +141,36 @@ pub fn add_runtime(text: &str, path: &str, bulwark_config: &Path) -> Result<Stri
         list.push(POD_ANNOTATIONS);
         runtime.insert("pod_annotations", value(list));
     }
-    let options = runtime
-        .entry("options")
-        .or_insert_with(|| Item::Table(Table::new()))
-        .as_table_mut()
-        .ok_or_else(|| InstallError::Shape {
-            path: path.to_owned(),
-            key: format!("runtimes.{RUNTIME_NAME}.options"),
-        })?;
+    let options = subtable(
+        runtime,
+        "options",
+        path,
+        format!("runtimes.{RUNTIME_NAME}.options"),
+    )?;
     set_if_different(
         options,
         "ConfigPath",
         value(bulwark_config.display().to_string()),
     );
     Ok(document.to_string())
+}
+
+/// `table[key]` as a table, an empty one added when it is missing; `shown` names it in the
+/// error when it is something else.
+fn subtable<'a>(
+    table: &'a mut Table,
+    key: &str,
+    path: &str,
+    shown: String,
+) -> Result<&'a mut Table, InstallError> {
+    table
+        .entry(key)
+        .or_insert_with(|| Item::Table(Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| InstallError::Shape {
+            path: path.to_owned(),
+            key: shown,
+        })
 }
 
 /// Returns `text` without the `bulwark` runtime (unchanged when it has none).

@@ -362,13 +362,18 @@ impl TaskService {
         let entrypoint = spec.args.first().ok_or(
             "the container has no entrypoint: set command to the wasm file, e.g. [\"/app.wasm\"]",
         )?;
-        let module = self.find_module(bundle, spec, entrypoint);
-        let is_wasm = module.as_ref().is_ok_and(|module| starts_like_wasm(module));
+        let module = self.find_module(bundle, spec, entrypoint).and_then(|path| {
+            let head = read_head(&path).map_err(|e| format!("entrypoint {entrypoint}: {e}"))?;
+            Ok((path, head))
+        });
+        let is_wasm = module
+            .as_ref()
+            .is_ok_and(|(_, head)| detect_kind(head).is_ok());
         if !is_wasm && policy.allow_native {
             return Self::prepare_native(bundle, spec, req);
         }
-        let module = module?;
-        check_module(&module, entrypoint)?;
+        let (module, head) = module?;
+        check_module(&head, entrypoint)?;
         let mut preopens = Vec::new();
         for grant in &policy.dirs {
             let (host, read_only) = spec
@@ -479,7 +484,7 @@ impl TaskService {
         let cgroup = spec
             .cgroups_path
             .as_deref()
-            .and_then(|path| Cgroup::locate(path, &Resources::default()).ok());
+            .and_then(|path| Cgroup::locate(path).ok());
         log::info!(
             "native container {} created by runc, pid {init_pid}",
             req.id
@@ -596,24 +601,19 @@ fn open_stdio(path: &str, write: bool) -> Result<Stdio, String> {
         .map_err(|e| format!("cannot open {path}: {e}"))
 }
 
-/// Whether the file starts with the WebAssembly magic (a module or a component).
-fn starts_like_wasm(module: &Path) -> bool {
+/// The first bytes of a module file: enough to tell Wasm (a module or a component) from
+/// anything else.
+fn read_head(module: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let mut head = [0u8; 8];
-    File::open(module)
-        .and_then(|mut file| file.read(&mut head))
-        .is_ok_and(|read| detect_kind(&head[..read]).is_ok())
+    let mut head = Vec::with_capacity(8);
+    File::open(module)?.take(8).read_to_end(&mut head)?;
+    Ok(head)
 }
 
 /// Refuses entrypoints that are not WebAssembly (on a node that allows no native
 /// containers), with a message that says what they are.
-fn check_module(module: &Path, entrypoint: &str) -> Result<(), String> {
-    use std::io::Read;
-    let mut head = [0u8; 8];
-    let read = File::open(module)
-        .and_then(|mut file| file.read(&mut head))
-        .map_err(|e| format!("entrypoint {entrypoint}: {e}"))?;
-    match detect_kind(&head[..read]) {
+fn check_module(head: &[u8], entrypoint: &str) -> Result<(), String> {
+    match detect_kind(head) {
         Ok(_) => Ok(()),
         Err(not_wasm) if head.starts_with(b"\x7fELF") || head.starts_with(b"#!") => Err(format!(
             "entrypoint {entrypoint} is a native executable, not WebAssembly: this node runs only Wasm (capabilities.allow_native = false; {not_wasm})"
