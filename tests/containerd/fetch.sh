@@ -8,7 +8,9 @@
 #
 # The system's apt sources are never touched: the package index, apt's state and its download
 # cache live in a private directory (DEST.apt, removed afterwards), read through a sources list
-# of our own. Running it again once DEST/usr/bin/containerd exists does nothing.
+# of our own. Running it again once DEST/usr/bin/containerd exists does nothing. Concurrent
+# runs for one DEST (cargo runs tests in parallel) take turns on DEST.lock: the second finds the
+# first one's result.
 set -eu
 
 if [ $# -ne 2 ]; then
@@ -33,6 +35,11 @@ fi
 
 dest=${dest%/}
 mkdir -p "$(dirname "$dest")"
+exec 9>"$dest.lock"
+flock 9
+if [ -x "$dest/usr/bin/containerd" ]; then
+	exit 0
+fi
 # apt reads relative Dir:: options as relative to its own directories: use absolute paths.
 work=$(realpath "$(mktemp -d "$dest.apt.XXXXXX")")
 trap 'rm -rf "$work"' EXIT
