@@ -6,9 +6,11 @@
 pub mod cgroup;
 pub mod content;
 pub mod install;
+pub mod kube;
 pub mod native;
 pub mod options;
 pub mod push;
+pub mod restart;
 pub mod seccomp;
 pub mod service;
 pub mod spec;

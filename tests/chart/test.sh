@@ -58,6 +58,49 @@ installer_args() { # wanted-grep-status, values...
 check "by default the installer finds containerd's config itself" installer_args 1
 check "a configPath value reaches the installer" installer_args 0 \
     --set containerd.configPath=/etc/containerd/custom.toml
+# Structural checks on rendered objects: `objects VALUES... -- PYTHON`, where PYTHON is an
+# expression over `docs` (every rendered object), `kind(K)` (the one object of kind K that
+# is not a hook), `hooks()` and `hook(K)` that must hold.
+objects() {
+    local args=()
+    while [ "$1" != "--" ]; do args+=("$1"); shift; done
+    render "${args[@]}" > "$work/all.yaml"
+    python3 - "$work/all.yaml" "$2" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+def is_hook(d): return "helm.sh/hook" in d["metadata"].get("annotations", {})
+def kind(k):
+    found = [d for d in docs if d["kind"] == k and not is_hook(d)]
+    assert len(found) == 1, f"{len(found)} objects of kind {k}"
+    return found[0]
+def init(): return kind("DaemonSet")["spec"]["template"]["spec"]["initContainers"][0]
+def hooks(): return [d for d in docs if is_hook(d)]
+def hook(k):
+    found = [d for d in hooks() if d["kind"] == k]
+    assert len(found) == 1, f"{len(found)} hooks of kind {k}"
+    return found[0]
+if not eval("(" + sys.argv[2] + ")"):
+    sys.exit(f"does not hold: {sys.argv[2]}")
+PY
+}
+label=$("$BULWARK" install --help | grep -o 'bulwark\.dev/[a-z]*=true' | head -n1)
+check "the RuntimeClass schedules onto the nodes the installer labelled ($label)" objects -- \
+    "kind('RuntimeClass')['scheduling']['nodeSelector'] == dict([('$label'.split('=')[0], 'true')])"
+check "the installer runs its pod template's action and labels its own node" objects -- \
+    "init()['command'][1] == '\$(BULWARK_ACTION)' and '--label-node=\$(NODE_NAME)' in init()['command']
+     and kind('DaemonSet')['spec']['template']['metadata']['annotations']['bulwark.dev/action'] == 'install'
+     and kind('DaemonSet')['spec']['template']['spec']['serviceAccountName'] == kind('ServiceAccount')['metadata']['name']"
+check "the installer may get and patch nodes, nothing else" objects -- \
+    "kind('ClusterRole')['rules'] == [{'apiGroups': [''], 'resources': ['nodes'], 'verbs': ['get', 'patch']}]"
+check "helm uninstall first switches the installer DaemonSet to uninstall" objects -- \
+    "all(h['metadata']['annotations']['helm.sh/hook'] == 'pre-delete' for h in hooks())
+     and sorted(h['kind'] for h in hooks()) == ['Job', 'Role', 'RoleBinding', 'ServiceAccount']
+     and '--daemonset=' + kind('DaemonSet')['metadata']['name'] in hook('Job')['spec']['template']['spec']['containers'][0]['command']
+     and hook('Role')['rules'][0]['resourceNames'] == [kind('DaemonSet')['metadata']['name']]
+     and hook('Job')['spec']['template']['spec']['serviceAccountName'] == hook('ServiceAccount')['metadata']['name']"
+check "uninstall.hook=false renders no hook" objects --set uninstall.hook=false -- "hooks() == []"
+refuses "a malformed uninstall timeout is rejected" "uninstall.timeout" render --set uninstall.timeout=soon
+refuses "a malformed rollout.maxUnavailable is rejected" "rollout.maxUnavailable" render --set rollout.maxUnavailable=0
 refuses "a malformed memory quantity is rejected" "defaults.memory" render --set defaults.memory=lots
 refuses "a malformed duration is rejected" "ceilings.timeout" render --set ceilings.timeout=forever
 refuses "a negative fuel is rejected" "defaults.fuel" render --set defaults.fuel=-3

@@ -42,6 +42,9 @@ done
     --set image.repository=bulwark-installer --set image.tag=test --set image.pullPolicy=Never \
     --wait --timeout 5m
 kubectl -n bulwark-system rollout status daemonset/bulwark-installer --timeout 5m
+worker="$CLUSTER-worker"
+installed=$(kubectl get node "$worker" -o jsonpath='{.metadata.labels.bulwark\.dev/installed}')
+[ "$installed" = true ] || { echo "the installer did not label $worker (label: '$installed')"; exit 1; }
 
 kubectl apply -f k8s/fuel-job.yaml -f k8s/readonly-volume-pod.yaml -f k8s/hello-deployment.yaml
 kubectl wait --for=condition=Failed job/wasm-out-of-fuel --timeout 120s
@@ -57,5 +60,15 @@ kubectl wait --for=jsonpath='{.status.phase}'=Succeeded pod/wasm-reader --timeou
 kubectl logs wasm-reader | grep -q "hello from a volume" || { echo "reader did not read its volume"; exit 1; }
 kubectl rollout status deployment/wasm-sleeper --timeout 120s
 
-"$HELM" uninstall bulwark --namespace bulwark-system --wait
-echo "kind-test: 4 passed, 0 failed"
+# Uninstall: the pre-delete hook takes Bulwark off the node before the chart's objects go.
+kubectl delete -f k8s/fuel-job.yaml -f k8s/readonly-volume-pod.yaml -f k8s/hello-deployment.yaml --wait
+"$HELM" uninstall bulwark --namespace bulwark-system --wait --timeout 5m
+installed=$(kubectl get node "$worker" -o jsonpath='{.metadata.labels.bulwark\.dev/installed}')
+[ -z "$installed" ] || { echo "$worker still labelled bulwark.dev/installed=$installed"; exit 1; }
+if docker exec "$worker" grep -q io.containerd.bulwark.v1 /etc/containerd/config.toml; then
+    echo "$worker's containerd config still has the bulwark runtime"; exit 1
+fi
+if docker exec "$worker" test -e /usr/local/bin/containerd-shim-bulwark-v1; then
+    echo "$worker still has the shim"; exit 1
+fi
+echo "kind-test: 5 passed, 0 failed"

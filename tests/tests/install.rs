@@ -16,19 +16,27 @@ use tokio::sync::Mutex;
 
 static ONE_CONTAINERD: Mutex<()> = Mutex::const_new(());
 
-/// What an installer run on the node does: `bulwark install` on containerd's config, the
-/// shim into a directory that goes first on containerd's PATH.
-fn install(config: &Path) -> Result<Option<PathBuf>> {
+/// The directory, first on the test containerd's PATH, that receives the shim.
+fn shim_dir(config: &Path) -> Result<Option<PathBuf>> {
     let bin = config
         .parent()
         .context("config has no directory")?
         .join("bin");
+    std::fs::create_dir_all(&bin)?;
+    Ok(Some(bin))
+}
+
+/// `bulwark install` as on a node: on containerd's config, the shim into [`shim_dir`];
+/// `extra` flags added. Returns what it printed.
+fn bulwark_install(config: &Path, extra: &[&str]) -> Result<String> {
+    let bin = shim_dir(config)?.context("no shim directory")?;
     let bulwark = bulwark_tests::release_dir().join("bulwark");
     let output = std::process::Command::new(&bulwark)
-        .args(["install", "--no-restart", "--containerd-config"])
+        .args(["install", "--containerd-config"])
         .arg(config)
         .arg("--shim-dir")
         .arg(&bin)
+        .args(extra)
         .output()
         .with_context(|| format!("cannot run {}", bulwark.display()))?;
     ensure!(
@@ -36,7 +44,13 @@ fn install(config: &Path) -> Result<Option<PathBuf>> {
         "bulwark install failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    Ok(Some(bin))
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The config hook of a node installed before containerd starts.
+fn install(config: &Path) -> Result<Option<PathBuf>> {
+    bulwark_install(config, &["--no-restart"])?;
+    shim_dir(config)
 }
 
 async fn installed_node_runs_a_limited_pod(binary: PathBuf) -> Result<()> {
@@ -53,7 +67,13 @@ async fn installed_node_runs_a_limited_pod(binary: PathBuf) -> Result<()> {
         config.contains("io.containerd.bulwark.v1"),
         "not installed:\n{config}"
     );
+    runs_a_fuel_limited_pod(&containerd, &registry).await?;
+    containerd.stop()
+}
 
+/// A Wasm pod with `bulwark.dev/fuel` through the `bulwark` handler: exits 152 with the
+/// reason naming the annotation, so the shim is found and the annotation got through.
+async fn runs_a_fuel_limited_pod(containerd: &Containerd, registry: &Registry) -> Result<()> {
     let module = bulwark_tests::build_dir().join("guests/loop.wasm");
     let image = format!("{}/installed-loop:v1", registry.addr());
     let status = std::process::Command::new(bulwark_tests::release_dir().join("bulwark"))
@@ -83,6 +103,66 @@ async fn installed_node_runs_a_limited_pod(binary: PathBuf) -> Result<()> {
             .contains("fuel exhausted after 1000000 units (bulwark.dev/fuel)"),
         "{exit:?}"
     );
+    Ok(())
+}
+
+/// Where no systemd runs containerd, `bulwark install` stops the containerd serving the
+/// edited config with SIGTERM and checks that its supervisor started it again; the new
+/// containerd then runs a Wasm pod, and a second install changes and restarts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_restarts_a_supervised_containerd_without_systemd() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    ensure!(
+        !Path::new("/run/systemd/system").exists(),
+        "this test needs a machine without systemd: here bulwark install would restart containerd.service"
+    );
+    let registry = Registry::start()?;
+    let images = push_test_images(&registry)?;
+    let cache = tempfile::tempdir()?;
+    let mut options = ContainerdOptions::new(&registry, images.pause.clone())
+        .env("BULWARK_CACHE_DIR", cache.path().display().to_string());
+    options.config_hook = Some(shim_dir);
+    options.supervised = true;
+    let mut containerd = Containerd::start(options)?;
+    let config = containerd.config_path().to_owned();
+    let supervisor = containerd.pid();
+    let daemon_line = format!("{}\0--config\0", containerd::SYSTEM_CONTAINERD);
+    let daemons = || {
+        bulwark_tests::harness::process::descendants(supervisor)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|line| line.starts_with(daemon_line.as_bytes()))
+            })
+            .collect::<Vec<u32>>()
+    };
+    let before = daemons();
+    ensure!(before.len() == 1, "containerd processes: {before:?}");
+
+    let output = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || bulwark_install(&config, &[])
+    })
+    .await??;
+    let after = daemons();
+    ensure!(
+        output.contains(&format!(
+            "restarted containerd: pid {} stopped, its supervisor started pid {}",
+            before[0],
+            after.first().copied().unwrap_or_default()
+        )),
+        "{output}"
+    );
+    tokio::task::block_in_place(|| containerd.wait_ready())?;
+    runs_a_fuel_limited_pod(&containerd, &registry).await?;
+
+    let again = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || bulwark_install(&config, &[])
+    })
+    .await??;
+    ensure!(again.contains("nothing to change"), "{again}");
+    ensure!(daemons() == after, "restarted again: {again}");
     containerd.stop()
 }
 
@@ -107,9 +187,10 @@ async fn installed_on_containerd_2_1() -> Result<()> {
 }
 
 /// The installer image, run by runc in a pod with a node's root mounted at /host (as the
-/// chart's DaemonSet runs it), installs Bulwark on that node.
+/// chart's DaemonSet runs it), installs Bulwark on that node, and then, as the DaemonSet runs
+/// it once the uninstall hook switched it, takes it off again: the node is as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_installer_image_installs_a_node_from_a_pod() -> Result<()> {
+async fn the_installer_image_installs_and_uninstalls_a_node_from_a_pod() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
     let registry = Registry::start()?;
     let images = push_test_images(&registry)?;
@@ -128,27 +209,41 @@ async fn the_installer_image_installs_a_node_from_a_pod() -> Result<()> {
         .args(["config", "default"])
         .output()?;
     std::fs::write(&config, &default.stdout)?;
+    let shim = node.path().join("usr/local/bin/containerd-shim-bulwark-v1");
 
     let containerd = Containerd::start(ContainerdOptions::new(&registry, images.pause.clone()))?;
     let cri = containerd.cri().await?;
     cri.pull(&reference).await?;
     let pod = PodSpec::new("installer");
     let pod_id = cri.run_pod(&pod).await?;
-    let container = ContainerSpec::new("install", reference)
-        .command(["/bulwark", "install", "--host-root=/host", "--no-restart"])
-        .mount(node.path(), "/host", false);
-    let id = cri.create_container(&pod_id, &pod, &container).await?;
-    cri.start_container(&id).await?;
-    let exit = cri.wait_exited(&id, Duration::from_secs(60)).await?;
-    let log = cri.read_container_log(&id).await?;
-    cri.remove_container(&id).await?;
+    // One init-container run of the DaemonSet's pod: `bulwark ACTION` on the node.
+    let run = async |action: &'static str| -> Result<String> {
+        let container = ContainerSpec::new(action, reference.clone())
+            .command(["/bulwark", action, "--host-root=/host", "--no-restart"])
+            .mount(node.path(), "/host", false);
+        let id = cri.create_container(&pod_id, &pod, &container).await?;
+        cri.start_container(&id).await?;
+        let exit = cri.wait_exited(&id, Duration::from_secs(60)).await?;
+        let log: Vec<String> = cri
+            .read_container_log(&id)
+            .await?
+            .into_iter()
+            .map(|line| line.text)
+            .collect();
+        cri.remove_container(&id).await?;
+        ensure!(exit.exit_code == 0, "{action} exited {exit:?}: {log:?}");
+        Ok(log.join("\n"))
+    };
+    let installed = run("install").await;
+    let patched = std::fs::read_to_string(&config)?;
+    let shim_installed = shim.exists();
+    let uninstalled = run("uninstall").await;
     cri.stop_pod(&pod_id).await?;
     cri.remove_pod(&pod_id).await?;
     containerd.stop()?;
-    ensure!(exit.exit_code == 0, "installer exited {exit:?}: {log:?}");
-    let shim = node.path().join("usr/local/bin/containerd-shim-bulwark-v1");
-    ensure!(shim.exists(), "no shim installed: {log:?}");
-    let patched = std::fs::read_to_string(&config)?;
+
+    let log = installed?;
+    ensure!(shim_installed, "no shim installed: {log:?}");
     ensure!(
         patched.contains("io.containerd.bulwark.v1"),
         "config not patched: {log:?}"
@@ -158,6 +253,12 @@ async fn the_installer_image_installs_a_node_from_a_pod() -> Result<()> {
             .join("etc/containerd/config.toml.bulwark-backup")
             .exists(),
         "no backup"
+    );
+    let log = uninstalled?;
+    ensure!(!shim.exists(), "the shim is still there: {log:?}");
+    ensure!(
+        std::fs::read(&config)? == default.stdout,
+        "containerd's config is not as before: {log:?}"
     );
     Ok(())
 }

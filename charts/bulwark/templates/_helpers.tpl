@@ -21,3 +21,25 @@ timeout = {{ .timeout | quote }}
 memory = {{ .memory | toString | quote }}
 {{- end }}
 {{- end -}}
+
+{{/* The node label the installer sets once a node is installed (kube::INSTALLED_LABEL). */}}
+{{- define "bulwark.installedLabel" -}}
+bulwark.dev/installed
+{{- end -}}
+
+{{/* The installer DaemonSet's name; the uninstall hook switches it to uninstall. */}}
+{{- define "bulwark.installer" -}}
+{{ .Release.Name }}-installer
+{{- end -}}
+
+{{/* A restricted container: no root, no privileges, read-only root. */}}
+{{- define "bulwark.restricted" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 65534
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}

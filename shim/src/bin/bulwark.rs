@@ -48,6 +48,10 @@ enum Command {
     Install(InstallArgs),
     /// Take Bulwark off this node: the runtime from containerd's config, and the shim
     Uninstall(InstallArgs),
+    /// Take Bulwark off every node the installer DaemonSet runs on, from inside the
+    /// cluster: switch its pods to `uninstall` and wait until each node has run it (the
+    /// Helm chart's pre-delete hook)
+    UninstallNodes(UninstallNodesArgs),
     /// Wait until terminated (SIGTERM or SIGINT), then exit 0: keeps the installer's
     /// DaemonSet pod alive after it set the node up
     Pause,
@@ -77,6 +81,23 @@ struct InstallArgs {
     /// Print what would change; change nothing
     #[arg(long)]
     dry_run: bool,
+    /// Label this Kubernetes node bulwark.dev/installed=true once installed (uninstall:
+    /// remove the label first), through the API server as the pod's service account
+    #[arg(long, value_name = "NODE")]
+    label_node: Option<String>,
+}
+
+#[derive(Args)]
+struct UninstallNodesArgs {
+    /// The installer DaemonSet
+    #[arg(long, value_name = "NAME")]
+    daemonset: String,
+    /// Its namespace [default: this pod's]
+    #[arg(long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// How long every node may take: 30s, 10m, 1h
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    timeout: String,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +236,7 @@ fn main() -> ExitCode {
         Command::Pause => pause(),
         Command::Install(args) => install(args, true),
         Command::Uninstall(args) => install(args, false),
+        Command::UninstallNodes(args) => uninstall_nodes(args),
     };
     match result {
         Ok(code) => code,
@@ -473,8 +495,24 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         .context("cannot find this binary")?
         .with_file_name("containerd-shim-bulwark-v1");
 
+    // The API client is made before anything changes, so missing credentials stop a run
+    // that could not label its node.
+    let kube = match &args.label_node {
+        Some(node) if !args.dry_run => Some((
+            node.as_str(),
+            bulwark_shim::kube::Client::in_cluster()
+                .with_context(|| format!("cannot label node {node}"))?,
+        )),
+        _ => None,
+    };
+    let label = bulwark_shim::kube::INSTALLED_LABEL;
+
     if args.dry_run {
         print!("{}", line_diff(&before, &after));
+        if let Some(node) = &args.label_node {
+            let verb = if adding { "label" } else { "remove the label" };
+            println!("would {verb} {label}=true on node {node}");
+        }
         if adding {
             println!(
                 "would install {} as {}",
@@ -488,6 +526,16 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
             println!("would remove {}", shim_target.display());
         }
         return Ok(ExitCode::SUCCESS);
+    }
+
+    // Off the RuntimeClass's nodes first, so no Wasm pod lands here while it goes.
+    if let Some((node, client)) = &kube
+        && !adding
+    {
+        client
+            .label_node(node, label, None)
+            .with_context(|| format!("cannot remove the label {label} from node {node}"))?;
+        println!("removed the label {label} from node {node}");
     }
 
     if adding {
@@ -537,65 +585,57 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         changed = true;
     }
 
-    match (changed, target.restart_unit) {
-        (false, _) => println!("nothing to change"),
-        (true, None) => println!("{target}: applied by the distribution on its own"),
-        (true, Some(unit)) if args.no_restart => {
-            println!("restart {unit} to apply the change (--no-restart)")
+    if !changed {
+        println!("nothing to change");
+    } else if args.no_restart {
+        match target.restart_unit {
+            Some(unit) => println!("restart {unit} to apply the change (--no-restart)"),
+            None => println!("{target}: applied by the distribution on its own"),
         }
-        (true, Some(unit)) => restart(&layout, unit)?,
+    } else {
+        use bulwark_shim::restart::{Applied, apply};
+        match apply(&layout.host_root, &target)? {
+            Applied::Systemd { unit } => println!("restarted {unit}"),
+            Applied::Signalled { stopped, started } => println!(
+                "restarted containerd: pid {stopped} stopped, its supervisor started pid {started}"
+            ),
+            Applied::NotRunning => println!(
+                "no running containerd serves {}: it reads the change when it starts",
+                target.file.display()
+            ),
+            Applied::ByDistribution => println!("{target}: applied by the distribution on its own"),
+        }
+    }
+
+    if let Some((node, client)) = &kube
+        && adding
+    {
+        client
+            .label_node(node, label, Some("true"))
+            .with_context(|| format!("cannot label node {node} {label}=true"))?;
+        println!("labelled node {node} {label}=true");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Restarts `unit` (containerd, or the distribution that runs it) through the node's
-/// systemd (from a pod: in PID 1's namespaces).
-fn restart(layout: &bulwark_shim::install::Layout, unit: &str) -> Result<()> {
-    if !layout.on_host(Path::new("/run/systemd/system")).is_dir() {
-        bail!(
-            "{unit} must be restarted to apply the change, and this node has no systemd to do it: restart it yourself, or rerun with --no-restart"
-        );
-    }
-    let mut command = std::process::Command::new("systemctl");
-    command.args(["restart", unit]);
-    // From a pod (hostPID), run systemctl in the namespaces PID 1 sees, so the node's own
-    // systemctl and systemd answer. The namespaces are opened here, entered between fork
-    // and exec.
-    let namespaces: Vec<std::fs::File> = if layout.host_root != Path::new("/") {
-        ["mnt", "uts", "ipc", "net", "pid"]
-            .iter()
-            .map(|ns| {
-                std::fs::File::open(format!("/proc/1/ns/{ns}")).with_context(|| {
-                    format!("cannot open PID 1's {ns} namespace (is the pod hostPID?)")
-                })
-            })
-            .collect::<Result<_>>()?
-    } else {
-        Vec::new()
+/// `bulwark uninstall-nodes`: switches the installer DaemonSet's pods to `uninstall` and
+/// waits until every node has run it.
+fn uninstall_nodes(args: UninstallNodesArgs) -> Result<ExitCode> {
+    use bulwark_shim::kube::Client;
+    let timeout = bulwark_runtime::units::parse_duration(&args.timeout)
+        .map_err(|error| input(format!("--timeout {:?}: {error}", args.timeout)))?;
+    let client = Client::in_cluster()?;
+    let namespace = match (&args.namespace, client.namespace()) {
+        (Some(namespace), _) => namespace.clone(),
+        (None, Some(namespace)) => namespace.to_owned(),
+        (None, None) => bail!("--namespace is needed: the service account names no namespace"),
     };
-    let fds: Vec<i32> = namespaces
-        .iter()
-        .map(std::os::fd::AsRawFd::as_raw_fd)
-        .collect();
-    // SAFETY: only setns(2) runs between fork and exec, on descriptors opened before.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-            for fd in &fds {
-                if libc::setns(*fd, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let status = command.status().context("cannot run systemctl")?;
-    drop(namespaces);
-    anyhow::ensure!(
-        status.success(),
-        "systemctl restart {unit} failed ({status})"
-    );
-    println!("restarted {unit}");
-    Ok(())
+    let name = &args.daemonset;
+    client.set_daemonset_action(&namespace, name, "uninstall")?;
+    println!("DaemonSet {namespace}/{name}: its pods now uninstall Bulwark from their nodes");
+    client.wait_rolled_out(&namespace, name, timeout)?;
+    println!("DaemonSet {namespace}/{name}: every node has uninstalled Bulwark");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Waits for SIGTERM or SIGINT. As a container's PID 1 the default actions would be

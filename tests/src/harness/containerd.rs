@@ -156,7 +156,14 @@ pub struct ContainerdOptions {
     /// Runs on the written config before containerd starts (an installer editing it, as on
     /// a node); may return a directory to put first on containerd's PATH.
     pub config_hook: Option<ConfigHook>,
+    /// Runs containerd under a supervisor (a shell loop, as runit or s6 would) that starts it
+    /// again whenever it exits, and stops it when stopped itself.
+    pub supervised: bool,
 }
+
+/// The supervisor of [`ContainerdOptions::supervised`]: `sh -c SUPERVISOR name BINARY ARGS...`.
+const SUPERVISOR: &str = r#"trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM INT
+while :; do "$@" & child=$!; wait "$child"; sleep 0.1; done"#;
 
 /// See [`ContainerdOptions::config_hook`].
 pub type ConfigHook = fn(&Path) -> Result<Option<PathBuf>>;
@@ -173,6 +180,7 @@ impl ContainerdOptions {
             extra_path: Vec::new(),
             env: Vec::new(),
             config_hook: None,
+            supervised: false,
         }
     }
 
@@ -334,9 +342,18 @@ impl Containerd {
             &std::env::var_os("PATH")
                 .unwrap_or_else(|| OsString::from("/usr/sbin:/usr/bin:/sbin:/bin")),
         ));
+        let mut command = if opts.supervised {
+            let mut supervisor = Command::new("/bin/sh");
+            supervisor
+                .args(["-c", SUPERVISOR, "containerd-supervisor"])
+                .arg(&opts.binary);
+            supervisor
+        } else {
+            Command::new(&opts.binary)
+        };
         let process = ServerProcess::spawn(
             "containerd",
-            Command::new(&opts.binary)
+            command
                 .arg("--config")
                 .arg(&paths.config)
                 .env("PATH", std::env::join_paths(path_var)?)
@@ -357,7 +374,8 @@ impl Containerd {
         Ok(containerd)
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    /// Waits until containerd's CRI service answers `Version` (again, after a restart).
+    pub fn wait_ready(&mut self) -> Result<()> {
         let started = Instant::now();
         loop {
             if let Some(status) = self.process.exited()? {
@@ -440,7 +458,7 @@ impl Containerd {
         fs::read_to_string(&self.paths.log).unwrap_or_default()
     }
 
-    /// containerd's PID.
+    /// containerd's PID (its supervisor's, when [`ContainerdOptions::supervised`]).
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
@@ -798,6 +816,7 @@ mod tests {
             extra_path: Vec::new(),
             env: Vec::new(),
             config_hook: None,
+            supervised: false,
         }
     }
 
