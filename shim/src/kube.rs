@@ -215,25 +215,24 @@ impl Client {
 
     fn get(&self, path: &str) -> Result<Value, KubeError> {
         let url = format!("{}{path}", self.base);
-        let response = self
-            .agent
-            .get(&url)
-            .header("Authorization", &format!("Bearer {}", self.token))
-            .header("Accept", "application/json")
-            .call();
+        let response = self.authorized(self.agent.get(&url)).call();
         read_response("GET", url, response)
     }
 
     fn merge_patch(&self, path: &str, patch: &Value) -> Result<Value, KubeError> {
         let url = format!("{}{path}", self.base);
         let response = self
-            .agent
-            .patch(&url)
-            .header("Authorization", &format!("Bearer {}", self.token))
-            .header("Accept", "application/json")
+            .authorized(self.agent.patch(&url))
             .header("Content-Type", "application/merge-patch+json")
             .send(patch.to_string());
         read_response("PATCH", url, response)
+    }
+
+    /// A request as the service account, asking for JSON.
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        request
+            .header("Authorization", &format!("Bearer {}", self.token))
+            .header("Accept", "application/json")
     }
 }
 
