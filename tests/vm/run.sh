@@ -2,7 +2,7 @@
 # Run one command inside a throwaway cgroup v2 VM (QEMU TCG) that shares this machine's
 # root filesystem read-only, and exit with the command's exit code.
 #
-#   bash tests/vm/run.sh [--systemd] [--env NAME]... -- COMMAND [ARG...]
+#   bash tests/vm/run.sh [--systemd [--cgroup-v1]] [--env NAME]... -- COMMAND [ARG...]
 #
 # This machine's cgroups are hybrid v1; production nodes are cgroup v2, so the project's
 # integration tests also run in here. See tests/vm/README.md. Guest side: tests/vm/init.
@@ -13,7 +13,7 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: bash tests/vm/run.sh [--systemd] [--env NAME]... -- COMMAND [ARG...]
+usage: bash tests/vm/run.sh [--systemd [--cgroup-v1]] [--env NAME]... -- COMMAND [ARG...]
 
 Boots a cgroup v2 VM on the host's root filesystem (read-only, with a tmpfs overlay)
 and runs COMMAND as root in the project root. Its stdout and stderr stream to this
@@ -21,6 +21,8 @@ script's stdout and stderr; the script exits with its exit code (125: the VM fai
 
   --systemd    boot systemd as PID 1 and run COMMAND as the oneshot service
                bulwark-vm.service (system bus up, cgroup /system.slice/bulwark-vm.service)
+  --cgroup-v1  with --systemd: boot with systemd's hybrid hierarchy (v1 controllers, as
+               on older nodes) instead of cgroup v2
   --env NAME   pass the host's NAME into COMMAND's environment (repeatable); it
                otherwise gets only PATH, HOME=/root, USER and LOGNAME
 
@@ -47,10 +49,12 @@ SYSTEMD_MODULES=(autofs4)
 INITRAMFS_LAYOUT=2
 
 systemd=0
+unified=1
 envs=()
 while (($#)); do
     case $1 in
     --systemd) systemd=1 ;;
+    --cgroup-v1) unified=0 ;;
     --env)
         (($# >= 2)) || fail "--env needs a NAME (see --help)"
         envs+=("$2")
@@ -70,6 +74,7 @@ while (($#)); do
     shift
 done
 (($#)) || fail "no command given (see --help)"
+((systemd || unified)) || fail "--cgroup-v1 needs --systemd (busybox init mounts cgroup v2 only)"
 for name in "${envs[@]}"; do
     [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || fail "--env: not a variable name: $name"
 done
@@ -351,7 +356,7 @@ append+=" mitigations=off"
 append+=" tsc=reliable clocksource=tsc"
 if ((systemd)); then
     # fstab=no: the host's /etc/fstab names its own disks, which the VM lacks.
-    append+=" systemd.unified_cgroup_hierarchy=1 systemd.hostname=bulwark-vm fstab=no"
+    append+=" systemd.unified_cgroup_hierarchy=$unified systemd.hostname=bulwark-vm fstab=no"
     append+=" systemd.show_status=error"
 fi
 

@@ -84,10 +84,7 @@ impl PodCgroups {
     pub fn remove_pod(&self, parent: &str) -> Result<()> {
         match self {
             PodCgroups::Cgroupfs { .. } => remove(parent),
-            PodCgroups::Systemd if exists(parent)? => {
-                systemctl("stop", unit_of(parent)?)?;
-                ensure_gone(parent)
-            }
+            PodCgroups::Systemd if exists(parent)? => stop_slice(unit_of(parent)?, parent),
             PodCgroups::Systemd => Ok(()),
         }
     }
@@ -97,8 +94,7 @@ impl PodCgroups {
         match self {
             PodCgroups::Cgroupfs { root } => remove(root),
             PodCgroups::Systemd if exists("/kubepods.slice")? => {
-                systemctl("stop", "kubepods.slice")?;
-                ensure_gone("/kubepods.slice")
+                stop_slice("kubepods.slice", "/kubepods.slice")
             }
             PodCgroups::Systemd => Ok(()),
         }
@@ -147,6 +143,16 @@ fn unit_of(parent: &str) -> Result<&str> {
         .next()
         .filter(|unit| unit.ends_with(".slice"))
         .with_context(|| format!("{parent} does not end in a slice"))
+}
+
+/// Stops slice `unit` (cgroup `path`) and removes what systemd leaves of it, as kubelet
+/// does. On cgroup v1, systemd manages only some controllers; runc makes a pod's directories
+/// in the others (cpuset, freezer, hugetlb, ...), and kubelet removes the pod's cgroup in
+/// every hierarchy when the pod goes.
+fn stop_slice(unit: &str, path: &str) -> Result<()> {
+    systemctl("stop", unit)?;
+    remove(path)?;
+    ensure_gone(path)
 }
 
 fn systemctl(verb: &str, unit: &str) -> Result<()> {
