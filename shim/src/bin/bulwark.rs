@@ -111,7 +111,13 @@ enum ImageCommand {
             Import an archive: ctr image import FILE"
     )]
     Build(ImageBuildArgs),
-    /// Build an OCI image from a .wasm file and push it to a registry (anonymous access)
+    /// Build an OCI image from a .wasm file and push it to a registry
+    #[command(
+        after_help = "Credentials, when the registry asks: --username with the password on stdin \
+            (--password-stdin), else what `podman login` or `docker login` stored \
+            ($REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, \
+            $DOCKER_CONFIG/config.json or ~/.docker/config.json; credential helpers are not run)."
+    )]
     Push(ImagePushArgs),
 }
 
@@ -123,6 +129,12 @@ struct ImagePushArgs {
     /// Speak plain HTTP to the registry (a registry on loopback or in a lab)
     #[arg(long)]
     insecure: bool,
+    /// Registry user name (the password is read from stdin: --password-stdin)
+    #[arg(long, value_name = "USER", requires = "password_stdin")]
+    username: Option<String>,
+    /// Read the registry password (or token) from stdin
+    #[arg(long, requires = "username")]
+    password_stdin: bool,
     /// The WebAssembly module or component
     #[arg(value_name = "MODULE")]
     module: PathBuf,
@@ -429,10 +441,27 @@ fn wasm_image(module: &Path, format: ImageFormat) -> Result<bulwark_runtime::ima
 }
 
 fn push_image(args: ImagePushArgs) -> Result<ExitCode> {
-    use bulwark_shim::push::{Reference, push};
+    use bulwark_shim::push::{Credentials, Reference, push};
     let reference = Reference::parse(&args.reference).map_err(input)?;
+    let credentials = match args.username {
+        Some(username) => {
+            let mut password = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut password)
+                .context("cannot read the password from stdin")?;
+            let password = password.trim_end_matches(['\r', '\n']).to_owned();
+            if password.is_empty() {
+                return Err(input("--password-stdin: stdin held no password"));
+            }
+            Some(Credentials {
+                username,
+                password,
+                source: "--username".into(),
+            })
+        }
+        None => Credentials::stored_for(&reference.registry).map_err(input)?,
+    };
     let built = wasm_image(&args.module, args.format)?;
-    let digest = push(&built, &reference, args.insecure)?;
+    let digest = push(&built, &reference, args.insecure, credentials.as_ref())?;
     println!("{} {digest}", args.reference);
     Ok(ExitCode::SUCCESS)
 }

@@ -32,6 +32,16 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry on a free port of 127.0.0.1 and waits until it answers `GET /v2/`.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts a registry that lets only `user` with `password` in (HTTP Basic
+    /// authentication, from an htpasswd file, as docker-registry's `auth.htpasswd` does).
+    pub fn start_with_user(user: &str, password: &str) -> Result<Self> {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(user: Option<(&str, &str)>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("bulwark-registry-")
             .tempdir()
@@ -40,7 +50,7 @@ impl Registry {
         // in between, so try a few ports.
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::start_on_free_port(dir.path()) {
+            match Self::start_on_free_port(dir.path(), user) {
                 Ok((process, addr)) => return Ok(Self { process, addr, dir }),
                 Err(err) => last_error = Some(err),
             }
@@ -48,22 +58,33 @@ impl Registry {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
     }
 
-    fn start_on_free_port(dir: &Path) -> Result<(ServerProcess, String)> {
+    fn start_on_free_port(
+        dir: &Path,
+        user: Option<(&str, &str)>,
+    ) -> Result<(ServerProcess, String)> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let storage = dir.join("storage");
         fs::create_dir_all(&storage)?;
         let config = dir.join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\n\
-                 log:\n  level: info\n  accesslog:\n    disabled: true\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n",
-                storage.display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+             http:\n  addr: {addr}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = user {
+            let htpasswd = dir.join("htpasswd");
+            // docker-registry takes bcrypt hashes only; cost 4 keeps the test quick.
+            let hash = bcrypt::hash(password, 4).context("cannot hash the password")?;
+            fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: bulwark-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        fs::write(&config, text)?;
         let log = dir.join("registry.log");
         let mut process = ServerProcess::spawn(
             "docker-registry",
@@ -148,7 +169,8 @@ impl Drop for Registry {
     }
 }
 
-/// Whether `GET http://ADDR/v2/` answers 200 (the API check of the distribution spec).
+/// Whether `GET http://ADDR/v2/` answers 200, or 401 from a registry that wants
+/// credentials (the API check of the distribution spec).
 fn v2_answers(addr: &str) -> bool {
     let attempt = || -> std::io::Result<bool> {
         let mut stream = TcpStream::connect(addr)?;
@@ -159,7 +181,7 @@ fn v2_answers(addr: &str) -> bool {
         )?;
         let mut status = [0u8; 12];
         stream.read_exact(&mut status)?;
-        Ok(&status[9..12] == b"200")
+        Ok(matches!(&status[9..12], b"200" | b"401"))
     };
     attempt().unwrap_or(false)
 }
