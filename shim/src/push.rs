@@ -213,12 +213,13 @@ pub fn push(
             .http_status_as_error(false)
             .build()
             .into(),
+        base: base.clone(),
         reference,
         credentials,
         authorization: None,
     };
     for blob in std::iter::once(&image.config).chain(&image.layers) {
-        upload_blob(&mut session, &base, blob)?;
+        upload_blob(&mut session, blob)?;
     }
     let url = format!(
         "{base}/v2/{}/manifests/{}",
@@ -237,6 +238,8 @@ pub fn push(
 /// Requests to one registry for one repository, answering its authentication challenges.
 struct Session<'a> {
     agent: ureq::Agent,
+    /// `scheme://registry`: credentials and tokens go only to URLs under it.
+    base: String,
     reference: &'a Reference,
     credentials: Option<&'a Credentials>,
     /// The `Authorization` header the registry accepted last (or none yet).
@@ -280,7 +283,11 @@ impl Session<'_> {
         body: B,
     ) -> Result<Response<ureq::Body>, PushError> {
         let mut request = ureq::http::Request::builder().method(method).uri(url);
-        if let Some(authorization) = &self.authorization {
+        // An upload's Location may point elsewhere (a storage service): no credentials there.
+        let to_registry = url
+            .strip_prefix(&self.base)
+            .is_some_and(|path| path.starts_with('/'));
+        if let Some(authorization) = self.authorization.as_ref().filter(|_| to_registry) {
             request = request.header("Authorization", authorization);
         }
         if let Some(content_type) = content_type {
@@ -420,7 +427,8 @@ fn parse_challenge(challenge: &str) -> Option<(String, Vec<(String, String)>)> {
     Some((scheme.to_owned(), params))
 }
 
-fn upload_blob(session: &mut Session<'_>, base: &str, blob: &Blob) -> Result<(), PushError> {
+fn upload_blob(session: &mut Session<'_>, blob: &Blob) -> Result<(), PushError> {
+    let base = session.base.clone();
     let repository = &session.reference.repository;
     let digest = &blob.descriptor.digest;
     let url = format!("{base}/v2/{repository}/blobs/{digest}");
