@@ -190,6 +190,45 @@ fn on_a_k3s_node_install_writes_the_template_and_uninstall_removes_it() {
     );
 }
 
+/// A restart that failed leaves the node marked, so the next run restarts again although
+/// the files need no change: a crash-looping installer pod keeps trying, and never reports
+/// (or labels) a node whose containerd has not read the runtime. Here the restart fails
+/// because the node's root is a directory whose processes this test cannot see.
+#[test]
+fn a_restart_that_failed_is_tried_again_on_the_next_run() {
+    let node = tempfile::tempdir().unwrap();
+    let root = node.path().to_str().unwrap();
+    let config = node.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    let default = run(Path::new("/usr/bin/containerd"), &["config", "default"]);
+    std::fs::write(&config, &default).unwrap();
+    let marker = node
+        .path()
+        .join("etc/containerd/config.toml.bulwark-restart-pending");
+
+    let first = bulwark(&["install", "--host-root", root]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(!first.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot see the node's processes to restart containerd"),
+        "{stderr}"
+    );
+    assert!(marker.exists(), "no marker after a failed restart");
+
+    // Files as wanted, containerd not told: --no-restart has nothing to do...
+    let quiet = bulwark(&["install", "--host-root", root, "--no-restart"]);
+    assert!(String::from_utf8_lossy(&quiet.stdout).contains("nothing to change"));
+    // ...but a run that may restart does it again.
+    let again = bulwark(&["install", "--host-root", root]);
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        stdout.contains("the restart of an earlier run did not complete: restarting again"),
+        "{stdout}"
+    );
+    assert!(!again.status.success());
+    assert!(marker.exists());
+}
+
 /// Where the plain containerd config is, as the installer names it (on the node).
 fn containerd_config_on_node() -> &'static str {
     "/etc/containerd/config.toml"

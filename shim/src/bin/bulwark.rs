@@ -614,16 +614,34 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         changed = true;
     }
 
+    // A restart that failed (or was cut short) in an earlier run left this marker: the files
+    // are as wanted, but containerd may not have read them, so restart again.
+    let pending = PathBuf::from(format!("{}.bulwark-restart-pending", config_path.display()));
+    if !changed && !args.no_restart && pending.exists() {
+        println!("the restart of an earlier run did not complete: restarting again");
+        changed = true;
+    }
+
+    // Whether containerd serves what the files now say (or will when it starts).
+    let mut applied = true;
     if !changed {
         println!("nothing to change");
     } else if args.no_restart {
         match target.restart_unit {
-            Some(unit) => println!("restart {unit} to apply the change (--no-restart)"),
+            Some(unit) => {
+                println!("restart {unit} to apply the change (--no-restart)");
+                applied = false;
+            }
             None => println!("{target}: applied by the distribution on its own"),
         }
     } else {
         use bulwark_shim::restart::{Applied, apply};
-        match apply(&layout.host_root, &target)? {
+        write_atomically(&pending, b"", 0o600)
+            .with_context(|| format!("cannot write {}", pending.display()))?;
+        let outcome = apply(&layout.host_root, &target)?;
+        std::fs::remove_file(&pending)
+            .with_context(|| format!("cannot remove {}", pending.display()))?;
+        match outcome {
             Applied::Systemd { unit } => println!("restarted {unit}"),
             Applied::Signalled { stopped, started } => println!(
                 "restarted containerd: pid {stopped} stopped, its supervisor started pid {started}"
@@ -636,7 +654,15 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         }
     }
 
-    if let Some((node, client)) = &kube
+    if let Some((node, _)) = &kube
+        && adding
+        && !applied
+    {
+        // Labelled now, the node would get Wasm pods its containerd cannot run yet.
+        println!(
+            "node {node} not labelled {label}=true: its containerd has not read the change; restart it, then run this again"
+        );
+    } else if let Some((node, client)) = &kube
         && adding
     {
         client
