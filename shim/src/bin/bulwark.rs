@@ -626,14 +626,9 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
     let mut applied = true;
     if !changed {
         println!("nothing to change");
-    } else if args.no_restart {
-        match target.restart_unit {
-            Some(unit) => {
-                println!("restart {unit} to apply the change (--no-restart)");
-                applied = false;
-            }
-            None => println!("{target}: applied by the distribution on its own"),
-        }
+    } else if let (true, Some(unit)) = (args.no_restart, target.restart_unit) {
+        println!("restart {unit} to apply the change (--no-restart)");
+        applied = false;
     } else {
         use bulwark_shim::restart::{Applied, apply};
         write_atomically(&pending, b"", 0o600)
@@ -654,21 +649,18 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         }
     }
 
-    if let Some((node, _)) = &kube
-        && adding
-        && !applied
-    {
-        // Labelled now, the node would get Wasm pods its containerd cannot run yet.
-        println!(
-            "node {node} not labelled {label}=true: its containerd has not read the change; restart it, then run this again"
-        );
-    } else if let Some((node, client)) = &kube
-        && adding
-    {
-        client
-            .label_node(node, label, Some("true"))
-            .with_context(|| format!("cannot label node {node} {label}=true"))?;
-        println!("labelled node {node} {label}=true");
+    if adding && let Some((node, client)) = &kube {
+        if applied {
+            client
+                .label_node(node, label, Some("true"))
+                .with_context(|| format!("cannot label node {node} {label}=true"))?;
+            println!("labelled node {node} {label}=true");
+        } else {
+            // Labelled now, the node would get Wasm pods its containerd cannot run yet.
+            println!(
+                "node {node} not labelled {label}=true: its containerd has not read the change; restart it, then run this again"
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
