@@ -10,6 +10,7 @@
 //! [capabilities]
 //! allow_native = false
 //! allow_network = false
+//! allow_without_landlock = false
 //! ```
 //!
 //! A missing file means no defaults and no ceilings; a malformed one is an error, never
@@ -44,6 +45,10 @@ pub struct Capabilities {
     pub allow_native: bool,
     /// Let pods request `bulwark.dev/network` grants at all.
     pub allow_network: bool,
+    /// Run Wasm containers on a kernel that does not enforce Landlock (before Linux 5.13,
+    /// or with Landlock left out of the `lsm=` list). Off: such a node refuses them, since
+    /// a bug in the engine would then find the whole host filesystem open.
+    pub allow_without_landlock: bool,
 }
 
 /// The admin's defaults and ceilings for one node.
@@ -138,6 +143,8 @@ struct RawCapabilities {
     allow_native: bool,
     #[serde(default)]
     allow_network: bool,
+    #[serde(default)]
+    allow_without_landlock: bool,
 }
 
 impl NodeConfig {
@@ -161,6 +168,18 @@ impl NodeConfig {
         }
     }
 
+    /// Reads the node configuration at `path`, which someone named explicitly (containerd's
+    /// `ConfigPath` option, `--config`): a missing file is an error here, not "no limits".
+    pub fn load_required(path: &Path) -> Result<NodeConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => NodeConfig::parse(&text, &path.display().to_string()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
     /// Parses a node configuration from TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<NodeConfig, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Syntax {
@@ -177,6 +196,7 @@ impl NodeConfig {
             capabilities: Capabilities {
                 allow_native: raw.capabilities.allow_native,
                 allow_network: raw.capabilities.allow_network,
+                allow_without_landlock: raw.capabilities.allow_without_landlock,
             },
         };
         config.check_defaults_within_ceilings(origin)?;

@@ -221,6 +221,8 @@ pub struct RunConfig {
     pub env: Vec<String>,
     /// Working directory; empty for none.
     pub working_dir: String,
+    /// The user it runs as, `UID[:GID]`; empty for root (what the pod does not override).
+    pub user: String,
 }
 
 /// The architecture name OCI uses for this host, for ordinary images' configs.
@@ -243,6 +245,7 @@ pub fn ordinary_image(entries: &[LayerEntry], run: &RunConfig) -> Result<Image, 
             "Cmd": run.cmd,
             "Env": run.env,
             "WorkingDir": run.working_dir,
+            "User": run.user,
         },
         "rootfs": { "type": "layers", "diff_ids": [layer.descriptor.digest] },
     });
@@ -250,15 +253,39 @@ pub fn ordinary_image(entries: &[LayerEntry], run: &RunConfig) -> Result<Image, 
     Ok(image(config, vec![layer], None))
 }
 
-/// The wasm-in-layer format: the module at [`WASM_ENTRYPOINT`], which is the entrypoint.
-pub fn wasm_in_layer(wasm: &[u8]) -> Result<Image, ImageError> {
+/// The wasm-in-layer format: the module at [`WASM_ENTRYPOINT`], which is the entrypoint,
+/// run as `user` (`UID[:GID]`, numeric: the image has no /etc/passwd) or root. An image with
+/// a non-root user satisfies a pod's `runAsNonRoot` without a `runAsUser`.
+pub fn wasm_in_layer(wasm: &[u8], user: Option<&str>) -> Result<Image, ImageError> {
+    if let Some(user) = user {
+        check_numeric_user(user)?;
+    }
     ordinary_image(
         &[LayerEntry::file(WASM_ENTRYPOINT, wasm, 0o644)],
         &RunConfig {
             entrypoint: vec![WASM_ENTRYPOINT.to_owned()],
+            user: user.unwrap_or_default().to_owned(),
             ..RunConfig::default()
         },
     )
+}
+
+fn check_numeric_user(user: &str) -> Result<(), ImageError> {
+    let numeric = |part: &str| !part.is_empty() && part.parse::<u32>().is_ok();
+    let valid = match user.split_once(':') {
+        Some((uid, gid)) => numeric(uid) && numeric(gid),
+        None => numeric(user),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(ImageError::Malformed {
+            what: "user",
+            message: format!(
+                "{user:?} is not UID or UID:GID in numbers (a Wasm image has no /etc/passwd to look names up in)"
+            ),
+        })
+    }
 }
 
 /// The CNCF TAG Runtime Wasm artifact: one `application/wasm` layer.
@@ -467,7 +494,7 @@ mod tests {
 
     #[test]
     fn wasm_in_layer_has_the_module_as_entrypoint() {
-        let image = wasm_in_layer(WASM).unwrap();
+        let image = wasm_in_layer(WASM, None).unwrap();
         let manifest = Manifest::parse(&image.manifest.bytes).unwrap();
         assert!(!manifest.is_wasm_artifact());
         assert_eq!(manifest.layers.len(), 1);
@@ -481,6 +508,18 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
         assert_eq!(entries, ["app.wasm"]);
+        assert_eq!(config["config"]["User"], "");
+    }
+
+    #[test]
+    fn a_layer_image_may_name_a_numeric_user() {
+        let image = wasm_in_layer(WASM, Some("65532:65532")).unwrap();
+        let config: serde_json::Value = serde_json::from_slice(&image.config.bytes).unwrap();
+        assert_eq!(config["config"]["User"], "65532:65532");
+        for bad in ["nobody", "65532:", ":1", "1:2:3", "-1"] {
+            let error = wasm_in_layer(WASM, Some(bad)).unwrap_err().to_string();
+            assert!(error.contains(bad) && error.contains("UID"), "{error}");
+        }
     }
 
     #[test]

@@ -367,6 +367,9 @@ pub struct Policy {
     pub network: Vec<SocketAddr>,
     /// Whether native (non-Wasm) containers may run on this node.
     pub allow_native: bool,
+    /// Whether the workload may run where the kernel does not enforce Landlock.
+    #[serde(default)]
+    pub allow_without_landlock: bool,
 }
 
 impl Policy {
@@ -412,6 +415,7 @@ impl Policy {
             env: request.env.clone(),
             network,
             allow_native: config.capabilities.allow_native,
+            allow_without_landlock: config.capabilities.allow_without_landlock,
         })
     }
 

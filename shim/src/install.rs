@@ -454,22 +454,90 @@ impl Layout {
     }
 }
 
-/// Writes `bytes` to `path` atomically (a temporary file renamed over it), with `mode`.
+/// Writes `bytes` to `path` atomically (a temporary file renamed over it). A file that is
+/// there keeps its mode and owner; a new one gets `mode` (and this process's owner).
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
+    let existing = std::fs::metadata(path).ok();
     let mut temp = tempfile::Builder::new()
         .prefix(".bulwark-")
         .tempfile_in(dir)?;
     temp.write_all(bytes)?;
+    if let Some(existing) = &existing {
+        std::os::unix::fs::fchown(temp.as_file(), Some(existing.uid()), Some(existing.gid()))?;
+    }
+    let mode = existing.map_or(mode, |existing| existing.mode() & 0o7777);
     temp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(mode))?;
     temp.as_file().sync_all()?;
     temp.persist(path).map_err(|error| error.error)?;
     Ok(())
 }
+
+/// How many symlinks [`resolve_on_node`] follows before it calls it a loop (as the kernel).
+const MAX_SYMLINKS: usize = 40;
+
+/// The file a node path names once its symlinks are followed as the node would follow
+/// them: an absolute target is a path on the node (under `layout`'s host root from here).
+/// A file edited through a symlink keeps the link, and whatever manages the target sees
+/// the change.
+pub fn resolve_on_node(layout: &Layout, node_path: &Path) -> Result<std::path::PathBuf, String> {
+    let mut path = node_path.to_path_buf();
+    for _ in 0..MAX_SYMLINKS {
+        let target = match std::fs::read_link(layout.on_host(&path)) {
+            Ok(target) => target,
+            // Not a symlink, or not there (a new file): this is the file.
+            Err(_) => return Ok(path),
+        };
+        path = match target.is_absolute() {
+            true => target,
+            false => path.parent().unwrap_or(Path::new("/")).join(target),
+        };
+        path = normalize(&path);
+    }
+    Err(format!(
+        "{}: more than {MAX_SYMLINKS} symlinks (a loop?)",
+        node_path.display()
+    ))
+}
+
+/// `path` with `.` and `..` taken out lexically (`..` at the root stays at the root).
+fn normalize(path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut normal = std::path::PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => normal.push(part),
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    normal
+}
+
+/// The node configuration `bulwark install` writes where none exists and none was given:
+/// containerd passes its path to the shim (`ConfigPath`), and a named file that is missing
+/// refuses every pod, so the file must exist even when it asks for nothing.
+pub const DEFAULT_NODE_CONFIG: &str = r#"# Bulwark's node configuration, written by `bulwark install`: no defaults and no
+# ceilings, so each pod gets exactly what its bulwark.dev/* annotations ask for.
+# Replace it with `bulwark install --config FILE` (or the Helm chart's values).
+#
+# [defaults]            # what a pod gets when it asks for nothing; unset = no limit
+# memory = "256Mi"
+# [ceilings]            # the most a pod may ask for; unset = no ceiling
+# fuel = 100000000000
+# timeout = "1h"
+# memory = "1Gi"
+# [capabilities]
+# allow_native = false  # native (ELF) containers other than pause, e.g. sidecars
+# allow_network = false # bulwark.dev/network grants at all
+# allow_without_landlock = false # run where the kernel does not enforce Landlock
+"#;
 
 #[cfg(test)]
 mod tests {
@@ -705,6 +773,60 @@ root = "/data/containerd"
         assert_eq!(
             target.edit(&added, "d", Path::new(CONFIG), false).unwrap(),
             ""
+        );
+    }
+
+    #[test]
+    fn symlinks_resolve_as_the_node_sees_them() {
+        let node = tempfile::tempdir().unwrap();
+        let layout = Layout {
+            host_root: node.path().to_owned(),
+            containerd_config: "/etc/containerd/config.toml".into(),
+            shim_dir: "/usr/local/bin".into(),
+            bulwark_config: CONFIG.into(),
+        };
+        let etc = node.path().join("etc/containerd");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(node.path().join("srv/managed")).unwrap();
+        // An absolute target is a node path; a relative one is beside the link.
+        std::os::unix::fs::symlink("/srv/managed/containerd.toml", etc.join("config.toml"))
+            .unwrap();
+        std::os::unix::fs::symlink(
+            "../managed/real.toml",
+            node.path().join("srv/managed/containerd.toml"),
+        )
+        .unwrap();
+        let resolved = resolve_on_node(&layout, Path::new("/etc/containerd/config.toml")).unwrap();
+        assert_eq!(resolved, Path::new("/srv/managed/real.toml"));
+        std::os::unix::fs::symlink("loop", etc.join("loop")).unwrap();
+        let error = resolve_on_node(&layout, Path::new("/etc/containerd/loop")).unwrap_err();
+        assert!(error.contains("loop"), "{error}");
+    }
+
+    #[test]
+    fn rewrites_keep_the_files_mode_and_owner() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::chown(&path, Some(4321), Some(8765)).unwrap();
+        write_atomically(&path, b"new", 0o644).unwrap();
+        let metadata = std::fs::metadata(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        assert_eq!(metadata.mode() & 0o7777, 0o640);
+        assert_eq!((metadata.uid(), metadata.gid()), (4321, 8765));
+        let fresh = dir.path().join("fresh.toml");
+        write_atomically(&fresh, b"x", 0o600).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o7777, 0o600);
+    }
+
+    #[test]
+    fn the_default_node_config_asks_for_nothing() {
+        let config = crate::install::DEFAULT_NODE_CONFIG;
+        assert_eq!(
+            bulwark_runtime::NodeConfig::parse(config, "default").unwrap(),
+            bulwark_runtime::NodeConfig::default()
         );
     }
 }

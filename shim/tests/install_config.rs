@@ -340,6 +340,10 @@ fn install_and_uninstall_change_a_node_and_restore_it() {
             .join("usr/local/bin/containerd-shim-bulwark-v1")
             .exists()
     );
+    assert!(
+        !node.path().join("etc/bulwark/config.toml").exists(),
+        "the node configuration is left"
+    );
     let output = bulwark(&["uninstall", "--host-root", root, "--no-restart"]);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
@@ -347,5 +351,119 @@ fn install_and_uninstall_change_a_node_and_restore_it() {
             "{}: containerd's config\nnothing to change\n",
             containerd_config_on_node()
         )
+    );
+}
+
+/// The file containerd passes to the shim as ConfigPath must exist (a named file that is
+/// missing refuses every pod): without --config, install writes one that asks for nothing,
+/// and keeps one that is there.
+#[test]
+fn install_writes_a_node_configuration_only_where_there_is_none() {
+    let node = tempfile::tempdir().unwrap();
+    let root = node.path().to_str().unwrap();
+    let node_config = node.path().join("etc/bulwark/config.toml");
+    let output = bulwark(&["install", "--host-root", root, "--no-restart"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&node_config).unwrap(),
+        bulwark_shim::install::DEFAULT_NODE_CONFIG
+    );
+    std::fs::write(&node_config, "[ceilings]\nfuel = 5\n").unwrap();
+    let output = bulwark(&["install", "--host-root", root, "--no-restart"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("nothing to change"));
+    assert_eq!(
+        std::fs::read_to_string(&node_config).unwrap(),
+        "[ceilings]\nfuel = 5\n"
+    );
+}
+
+/// `--containerd-config config.toml` names the file in the working directory (it used to
+/// name /config.toml); a symlinked config is edited through its target, which keeps its
+/// mode and owner; a relative path under --host-root is refused, naming the flag.
+#[test]
+fn a_relative_or_symlinked_containerd_config_is_the_file_named() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let work = tempfile::tempdir().unwrap();
+    let default = run(Path::new("/usr/bin/containerd"), &["config", "default"]);
+    std::fs::write(work.path().join("config.toml"), &default).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .current_dir(work.path())
+        .args([
+            "install",
+            "--containerd-config",
+            "config.toml",
+            "--no-restart",
+        ])
+        .arg("--shim-dir")
+        .arg(work.path().join("bin"))
+        .arg("--config-path")
+        .arg(work.path().join("bulwark.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let edited = std::fs::read_to_string(work.path().join("config.toml")).unwrap();
+    assert!(
+        edited.contains(RUNTIME_TYPE),
+        "the file in the working directory"
+    );
+    assert!(!Path::new("/config.toml").exists(), "wrote /config.toml");
+
+    let node = tempfile::tempdir().unwrap();
+    let root = node.path().to_str().unwrap();
+    let managed = node.path().join("srv/managed/containerd.toml");
+    std::fs::create_dir_all(managed.parent().unwrap()).unwrap();
+    std::fs::write(&managed, &default).unwrap();
+    std::fs::set_permissions(&managed, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&managed, Some(1234), Some(5678)).unwrap();
+    let link = node.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/srv/managed/containerd.toml", &link).unwrap();
+    let output = bulwark(&["install", "--host-root", root, "--no-restart"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("is a symlink: editing /srv/managed/containerd.toml"),
+        "{stdout}"
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        std::fs::read_to_string(&managed)
+            .unwrap()
+            .contains(RUNTIME_TYPE)
+    );
+    let metadata = std::fs::metadata(&managed).unwrap();
+    assert_eq!(metadata.mode() & 0o7777, 0o640);
+    assert_eq!((metadata.uid(), metadata.gid()), (1234, 5678));
+
+    let output = bulwark(&[
+        "install",
+        "--host-root",
+        root,
+        "--containerd-config",
+        "config.toml",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("--containerd-config config.toml: a relative path"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
 }

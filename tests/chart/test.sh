@@ -90,6 +90,11 @@ check "the installer runs its pod template's action and labels its own node" obj
     "init()['command'][1] == '\$(BULWARK_ACTION)' and '--label-node=\$(NODE_NAME)' in init()['command']
      and kind('DaemonSet')['spec']['template']['metadata']['annotations']['bulwark.dev/action'] == 'install'
      and kind('DaemonSet')['spec']['template']['spec']['serviceAccountName'] == kind('ServiceAccount')['metadata']['name']"
+check "Wasm pods' tolerations are the RuntimeClass's own, not the installer's" objects \
+    --set-json 'tolerations=[{"operator":"Exists"}]' \
+    --set-json 'runtimeClass.tolerations=[{"key":"wasm","operator":"Exists","effect":"NoSchedule"}]' -- \
+    "kind('RuntimeClass')['scheduling']['tolerations'] == [{'key': 'wasm', 'operator': 'Exists', 'effect': 'NoSchedule'}]
+     and kind('DaemonSet')['spec']['template']['spec']['tolerations'] == [{'operator': 'Exists'}]"
 check "the installer may get and patch nodes, nothing else" objects -- \
     "kind('ClusterRole')['rules'] == [{'apiGroups': [''], 'resources': ['nodes'], 'verbs': ['get', 'patch']}]"
 check "helm uninstall first switches the installer DaemonSet to uninstall" objects -- \

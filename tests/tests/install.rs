@@ -31,11 +31,15 @@ fn shim_dir(config: &Path) -> Result<Option<PathBuf>> {
 fn bulwark_install(config: &Path, extra: &[&str]) -> Result<String> {
     let bin = shim_dir(config)?.context("no shim directory")?;
     let bulwark = bulwark_tests::release_dir().join("bulwark");
+    // The node configuration goes beside containerd's, not into this machine's /etc.
+    let node_config = config.with_file_name("bulwark.toml");
     let output = std::process::Command::new(&bulwark)
         .args(["install", "--containerd-config"])
         .arg(config)
         .arg("--shim-dir")
         .arg(&bin)
+        .arg("--config-path")
+        .arg(&node_config)
         .args(extra)
         .output()
         .with_context(|| format!("cannot run {}", bulwark.display()))?;
@@ -237,6 +241,8 @@ async fn the_installer_image_installs_and_uninstalls_a_node_from_a_pod() -> Resu
     let installed = run("install").await;
     let patched = std::fs::read_to_string(&config)?;
     let shim_installed = shim.exists();
+    let node_config = node.path().join("etc/bulwark/config.toml");
+    let node_configured = node_config.exists();
     let uninstalled = run("uninstall").await;
     cri.stop_pod(&pod_id).await?;
     cri.remove_pod(&pod_id).await?;
@@ -244,6 +250,7 @@ async fn the_installer_image_installs_and_uninstalls_a_node_from_a_pod() -> Resu
 
     let log = installed?;
     ensure!(shim_installed, "no shim installed: {log:?}");
+    ensure!(node_configured, "no node configuration: {log:?}");
     ensure!(
         patched.contains("io.containerd.bulwark.v1"),
         "config not patched: {log:?}"
@@ -256,6 +263,10 @@ async fn the_installer_image_installs_and_uninstalls_a_node_from_a_pod() -> Resu
     );
     let log = uninstalled?;
     ensure!(!shim.exists(), "the shim is still there: {log:?}");
+    ensure!(
+        !node_config.exists(),
+        "the node configuration is still there: {log:?}"
+    );
     ensure!(
         std::fs::read(&config)? == default.stdout,
         "containerd's config is not as before: {log:?}"

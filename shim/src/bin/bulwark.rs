@@ -69,9 +69,14 @@ struct InstallArgs {
     /// Directory on containerd's PATH for the shim, on the node
     #[arg(long, value_name = "DIR", default_value = "/usr/local/bin")]
     shim_dir: PathBuf,
-    /// Node configuration to install as /etc/bulwark/config.toml (validated first)
+    /// Node configuration to install (validated first) [default: keep the node's; where it
+    /// has none, write one that asks for nothing]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Where the node configuration lives on the node (containerd passes it to the shim as
+    /// the runtime's ConfigPath)
+    #[arg(long, value_name = "PATH", default_value = "/etc/bulwark/config.toml")]
+    config_path: PathBuf,
     /// The node's root as seen from here (a privileged pod mounts it, e.g. at /host)
     #[arg(long, value_name = "DIR", default_value = "/")]
     host_root: PathBuf,
@@ -123,9 +128,8 @@ enum ImageCommand {
 
 #[derive(Args)]
 struct ImagePushArgs {
-    /// Image format
-    #[arg(long, value_enum, default_value = "layer")]
-    format: ImageFormat,
+    #[command(flatten)]
+    image: ImageArgs,
     /// Speak plain HTTP to the registry (a registry on loopback or in a lab)
     #[arg(long)]
     insecure: bool,
@@ -135,9 +139,6 @@ struct ImagePushArgs {
     /// Read the registry password (or token) from stdin
     #[arg(long, requires = "username")]
     password_stdin: bool,
-    /// The WebAssembly module or component
-    #[arg(value_name = "MODULE")]
-    module: PathBuf,
     /// Where to push: REGISTRY/REPOSITORY[:TAG]
     #[arg(value_name = "REF")]
     reference: String,
@@ -145,9 +146,8 @@ struct ImagePushArgs {
 
 #[derive(Args)]
 struct ImageBuildArgs {
-    /// Image format
-    #[arg(long, value_enum, default_value = "layer")]
-    format: ImageFormat,
+    #[command(flatten)]
+    image: ImageArgs,
     /// Full image reference to record (registry/repo:tag)
     #[arg(long, value_name = "REF")]
     name: String,
@@ -162,6 +162,18 @@ struct ImageBuildArgs {
     /// Write a tar of an OCI image layout (for ctr image import)
     #[arg(long, value_name = "FILE")]
     archive: Option<PathBuf>,
+}
+
+/// What goes into a Wasm image, for `image build` and `image push`.
+#[derive(Args)]
+struct ImageArgs {
+    /// Image format
+    #[arg(long, value_enum, default_value = "layer")]
+    format: ImageFormat,
+    /// The user the image runs as, UID[:GID] in numbers (layer format only): a non-root
+    /// user lets pods with runAsNonRoot run it without a runAsUser
+    #[arg(long, value_name = "UID[:GID]")]
+    user: Option<String>,
     /// The WebAssembly module or component
     #[arg(value_name = "MODULE")]
     module: PathBuf,
@@ -428,16 +440,21 @@ fn compile(args: CompileArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn wasm_image(module: &Path, format: ImageFormat) -> Result<bulwark_runtime::image::Image> {
+fn wasm_image(args: &ImageArgs) -> Result<bulwark_runtime::image::Image> {
     use bulwark_runtime::image;
+    let module = &args.module;
     let wasm = read_module(module)?;
     bulwark_runtime::engine::detect_kind(&wasm)
         .map_err(|error| input(format!("{}: {error}", module.display())))?;
-    match format {
-        ImageFormat::Layer => image::wasm_in_layer(&wasm),
-        ImageFormat::Artifact => image::wasm_artifact(&wasm),
+    match (args.format, &args.user) {
+        (ImageFormat::Layer, user) => image::wasm_in_layer(&wasm, user.as_deref())
+            .map_err(|error| input(format!("--user: {error}"))),
+        (ImageFormat::Artifact, Some(_)) => Err(input(
+            "--user applies to --format layer only: a Wasm artifact's config has no user (set runAsUser in the pod instead)",
+        )),
+        (ImageFormat::Artifact, None) => image::wasm_artifact(&wasm)
+            .map_err(|error| input(format!("{}: {error}", module.display()))),
     }
-    .map_err(|error| input(format!("{}: {error}", module.display())))
 }
 
 fn push_image(args: ImagePushArgs) -> Result<ExitCode> {
@@ -460,7 +477,7 @@ fn push_image(args: ImagePushArgs) -> Result<ExitCode> {
         }
         None => Credentials::stored_for(&reference.registry).map_err(input)?,
     };
-    let built = wasm_image(&args.module, args.format)?;
+    let built = wasm_image(&args.image)?;
     let digest = push(&built, &reference, args.insecure, credentials.as_ref())?;
     println!("{} {digest}", args.reference);
     Ok(ExitCode::SUCCESS)
@@ -468,7 +485,7 @@ fn push_image(args: ImagePushArgs) -> Result<ExitCode> {
 
 fn build_image(args: ImageBuildArgs) -> Result<ExitCode> {
     use bulwark_runtime::image;
-    let built = wasm_image(&args.module, args.format)?;
+    let built = wasm_image(&args.image)?;
     let images = [(args.name.as_str(), &built)];
     match (&args.oci_layout, &args.archive) {
         (Some(dir), _) => image::write_layout(dir, &images)?,
@@ -479,51 +496,26 @@ fn build_image(args: ImageBuildArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `bulwark install` (`adding`) or `bulwark uninstall` changes on a node, worked out
+/// (and validated) before anything is changed.
+struct InstallPlan {
+    adding: bool,
+    layout: bulwark_shim::install::Layout,
+    target: bulwark_shim::install::ContainerdTarget,
+    /// containerd's config as this process reaches it, symlinks followed.
+    config_path: PathBuf,
+    before: String,
+    after: String,
+    /// The node configuration to write, if it changes.
+    node_config: Option<String>,
+    node_config_path: PathBuf,
+    shim_source: PathBuf,
+    shim_target: PathBuf,
+}
+
 /// `bulwark install` (`adding`) and `bulwark uninstall`.
 fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
-    use bulwark_shim::install::{ContainerdTarget, Layout, line_diff, write_atomically};
-    let mut layout = Layout {
-        host_root: args.host_root.clone(),
-        containerd_config: PathBuf::new(),
-        shim_dir: args.shim_dir.clone(),
-        bulwark_config: PathBuf::from(bulwark_runtime::config::DEFAULT_CONFIG_PATH),
-    };
-    let target = match &args.containerd_config {
-        Some(file) => ContainerdTarget::config(file),
-        None => ContainerdTarget::detect(|path| layout.on_host(path)),
-    };
-    layout.containerd_config = target.file.clone();
-    println!("{}: {target}", target.file.display());
-    let mut changed = false;
-
-    // containerd's config: read (a missing file is containerd's defaults), edit, diff.
-    let config_path = layout.on_host(&layout.containerd_config);
-    let before = match std::fs::read_to_string(&config_path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(error) => return Err(input(format!("{}: {error}", config_path.display()))),
-    };
-    let shown = config_path.display().to_string();
-    let after = target
-        .edit(&before, &shown, &layout.bulwark_config, adding)
-        .map_err(input)?;
-
-    // Bulwark's node configuration: validated before anything is written.
-    let node_config = match &args.config {
-        Some(file) if adding => {
-            let text = std::fs::read_to_string(file)
-                .map_err(|error| input(format!("--config {}: {error}", file.display())))?;
-            NodeConfig::parse(&text, &file.display().to_string()).map_err(input)?;
-            Some(text)
-        }
-        _ => None,
-    };
-    let node_config_path = layout.on_host(&layout.bulwark_config);
-    let shim_target = layout.on_host(&layout.shim_path());
-    let shim_source = std::env::current_exe()
-        .context("cannot find this binary")?
-        .with_file_name("containerd-shim-bulwark-v1");
-
+    let plan = plan_install(&args, adding)?;
     // The API client is made before anything changes, so missing credentials stop a run
     // that could not label its node.
     let kube = match &args.label_node {
@@ -534,122 +526,21 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         )),
         _ => None,
     };
-    let label = bulwark_shim::kube::INSTALLED_LABEL;
-
     if args.dry_run {
-        print!("{}", line_diff(&before, &after));
-        if let Some(node) = &args.label_node {
-            let verb = if adding { "label" } else { "remove the label" };
-            println!("would {verb} {label}=true on node {node}");
-        }
-        if adding {
-            println!(
-                "would install {} as {}",
-                shim_source.display(),
-                shim_target.display()
-            );
-            if node_config.is_some() {
-                println!("would write {}", node_config_path.display());
-            }
-        } else {
-            println!("would remove {}", shim_target.display());
-        }
+        print_install_plan(&plan, args.label_node.as_deref());
         return Ok(ExitCode::SUCCESS);
     }
-
+    let label = bulwark_shim::kube::INSTALLED_LABEL;
     // Off the RuntimeClass's nodes first, so no Wasm pod lands here while it goes.
-    if let Some((node, client)) = &kube
-        && !adding
-    {
+    if let (Some((node, client)), false) = (&kube, adding) {
         client
             .label_node(node, label, None)
             .with_context(|| format!("cannot remove the label {label} from node {node}"))?;
         println!("removed the label {label} from node {node}");
     }
-
-    if adding {
-        let shim = std::fs::read(&shim_source)
-            .with_context(|| format!("cannot read the shim {}", shim_source.display()))?;
-        if std::fs::read(&shim_target).ok().as_deref() != Some(shim.as_slice()) {
-            write_atomically(&shim_target, &shim, 0o755)
-                .with_context(|| format!("cannot install {}", shim_target.display()))?;
-            println!("installed {}", shim_target.display());
-            changed = true;
-        }
-        if let Some(text) = &node_config
-            && std::fs::read_to_string(&node_config_path).ok().as_deref() != Some(text.as_str())
-        {
-            write_atomically(&node_config_path, text.as_bytes(), 0o644)
-                .with_context(|| format!("cannot write {}", node_config_path.display()))?;
-            println!("wrote {}", node_config_path.display());
-            changed = true;
-        }
-    } else if shim_target.exists() {
-        std::fs::remove_file(&shim_target)
-            .with_context(|| format!("cannot remove {}", shim_target.display()))?;
-        println!("removed {}", shim_target.display());
-        changed = true;
-    }
-
-    if after != before {
-        let backup = config_path.with_extension("toml.bulwark-backup");
-        if !before.is_empty() {
-            write_atomically(&backup, before.as_bytes(), 0o600)
-                .with_context(|| format!("cannot write the backup {}", backup.display()))?;
-        }
-        if after.is_empty() {
-            // A template or drop-in that held only the runtime: the node is as before.
-            std::fs::remove_file(&config_path)
-                .with_context(|| format!("cannot remove {}", config_path.display()))?;
-        } else {
-            write_atomically(&config_path, after.as_bytes(), 0o644)
-                .with_context(|| format!("cannot write {}", config_path.display()))?;
-        }
-        println!(
-            "{} the bulwark runtime in {} (backup: {})",
-            if adding { "added" } else { "removed" },
-            config_path.display(),
-            backup.display()
-        );
-        changed = true;
-    }
-
-    // A restart that failed (or was cut short) in an earlier run left this marker: the files
-    // are as wanted, but containerd may not have read them, so restart again.
-    let pending = PathBuf::from(format!("{}.bulwark-restart-pending", config_path.display()));
-    if !changed && !args.no_restart && pending.exists() {
-        println!("the restart of an earlier run did not complete: restarting again");
-        changed = true;
-    }
-
-    // Whether containerd serves what the files now say (or will when it starts).
-    let mut applied = true;
-    if !changed {
-        println!("nothing to change");
-    } else if let (true, Some(unit)) = (args.no_restart, target.restart_unit) {
-        println!("restart {unit} to apply the change (--no-restart)");
-        applied = false;
-    } else {
-        use bulwark_shim::restart::{Applied, apply};
-        write_atomically(&pending, b"", 0o600)
-            .with_context(|| format!("cannot write {}", pending.display()))?;
-        let outcome = apply(&layout.host_root, &target)?;
-        std::fs::remove_file(&pending)
-            .with_context(|| format!("cannot remove {}", pending.display()))?;
-        match outcome {
-            Applied::Systemd { unit } => println!("restarted {unit}"),
-            Applied::Signalled { stopped, started } => println!(
-                "restarted containerd: pid {stopped} stopped, its supervisor started pid {started}"
-            ),
-            Applied::NotRunning => println!(
-                "no running containerd serves {}: it reads the change when it starts",
-                target.file.display()
-            ),
-            Applied::ByDistribution => println!("{target}: applied by the distribution on its own"),
-        }
-    }
-
-    if adding && let Some((node, client)) = &kube {
+    let changed = change_files(&plan)?;
+    let applied = apply_change(&plan, &args, changed)?;
+    if let (Some((node, client)), true) = (&kube, adding) {
         if applied {
             client
                 .label_node(node, label, Some("true"))
@@ -663,6 +554,217 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn plan_install(args: &InstallArgs, adding: bool) -> Result<InstallPlan> {
+    use bulwark_shim::install::{ContainerdTarget, DEFAULT_NODE_CONFIG, Layout, resolve_on_node};
+    let mut layout = Layout {
+        host_root: args.host_root.clone(),
+        containerd_config: PathBuf::new(),
+        shim_dir: args.shim_dir.clone(),
+        bulwark_config: args.config_path.clone(),
+    };
+    let target = match &args.containerd_config {
+        Some(file) => ContainerdTarget::config(&node_path_of(file, &args.host_root)?),
+        None => ContainerdTarget::detect(|path| layout.on_host(path)),
+    };
+    layout.containerd_config = target.file.clone();
+    println!("{}: {target}", target.file.display());
+    let resolved = resolve_on_node(&layout, &target.file).map_err(input)?;
+    if resolved != target.file {
+        println!(
+            "{} is a symlink: editing {}",
+            target.file.display(),
+            resolved.display()
+        );
+    }
+    let config_path = layout.on_host(&resolved);
+    // A missing file is containerd's defaults.
+    let before = match std::fs::read_to_string(&config_path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(error) => return Err(input(format!("{}: {error}", config_path.display()))),
+    };
+    let shown = config_path.display().to_string();
+    let after = target
+        .edit(&before, &shown, &layout.bulwark_config, adding)
+        .map_err(input)?;
+    let node_config_path = layout.on_host(&layout.bulwark_config);
+    let node_config = match &args.config {
+        Some(file) if adding => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|error| input(format!("--config {}: {error}", file.display())))?;
+            NodeConfig::parse(&text, &file.display().to_string()).map_err(input)?;
+            Some(text)
+        }
+        _ if adding && !node_config_path.exists() => Some(DEFAULT_NODE_CONFIG.to_owned()),
+        _ => None,
+    };
+    let node_config = node_config.filter(|text| {
+        std::fs::read_to_string(&node_config_path).ok().as_deref() != Some(text.as_str())
+    });
+    Ok(InstallPlan {
+        adding,
+        target,
+        config_path,
+        before,
+        after,
+        node_config,
+        node_config_path,
+        shim_source: std::env::current_exe()
+            .context("cannot find this binary")?
+            .with_file_name("containerd-shim-bulwark-v1"),
+        shim_target: layout.on_host(&layout.shim_path()),
+        layout,
+    })
+}
+
+/// `--containerd-config` as a path on the node. A relative path names a file in the
+/// working directory, which is a node path only where this runs on the node itself.
+fn node_path_of(file: &Path, host_root: &Path) -> Result<PathBuf> {
+    if file.is_absolute() {
+        return Ok(file.to_owned());
+    }
+    if host_root != Path::new("/") {
+        return Err(input(format!(
+            "--containerd-config {}: a relative path cannot name a file on the node under --host-root {}: give the path on the node (e.g. /etc/containerd/config.toml)",
+            file.display(),
+            host_root.display()
+        )));
+    }
+    Ok(std::env::current_dir()
+        .context("cannot find the working directory")?
+        .join(file))
+}
+
+fn print_install_plan(plan: &InstallPlan, label_node: Option<&str>) {
+    print!(
+        "{}",
+        bulwark_shim::install::line_diff(&plan.before, &plan.after)
+    );
+    if let Some(node) = label_node {
+        let verb = if plan.adding {
+            "label"
+        } else {
+            "remove the label"
+        };
+        let label = bulwark_shim::kube::INSTALLED_LABEL;
+        println!("would {verb} {label}=true on node {node}");
+    }
+    if plan.adding {
+        println!(
+            "would install {} as {}",
+            plan.shim_source.display(),
+            plan.shim_target.display()
+        );
+        if plan.node_config.is_some() {
+            println!("would write {}", plan.node_config_path.display());
+        }
+    } else {
+        println!("would remove {}", plan.shim_target.display());
+        if plan.node_config_path.exists() {
+            println!("would remove {}", plan.node_config_path.display());
+        }
+    }
+}
+
+/// Writes (or removes) the shim, the node configuration and containerd's config; returns
+/// whether anything changed.
+fn change_files(plan: &InstallPlan) -> Result<bool> {
+    let write = |path: &Path, bytes: &[u8], mode: u32| -> Result<()> {
+        bulwark_shim::install::write_atomically(path, bytes, mode)
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    let mut changed = false;
+    if plan.adding {
+        let shim = std::fs::read(&plan.shim_source)
+            .with_context(|| format!("cannot read the shim {}", plan.shim_source.display()))?;
+        if std::fs::read(&plan.shim_target).ok().as_deref() != Some(shim.as_slice()) {
+            write(&plan.shim_target, &shim, 0o755)?;
+            println!("installed {}", plan.shim_target.display());
+            changed = true;
+        }
+        if let Some(text) = &plan.node_config {
+            write(&plan.node_config_path, text.as_bytes(), 0o644)?;
+            println!("wrote {}", plan.node_config_path.display());
+            changed = true;
+        }
+    } else {
+        for path in [&plan.shim_target, &plan.node_config_path] {
+            if path.exists() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                println!("removed {}", path.display());
+                changed = true;
+            }
+        }
+    }
+    if plan.after != plan.before {
+        let config_path = &plan.config_path;
+        let backup = config_path.with_extension("toml.bulwark-backup");
+        if !plan.before.is_empty() {
+            write(&backup, plan.before.as_bytes(), 0o600)?;
+        }
+        if plan.after.is_empty() {
+            // A template or drop-in that held only the runtime: the node is as before.
+            std::fs::remove_file(config_path)
+                .with_context(|| format!("cannot remove {}", config_path.display()))?;
+        } else {
+            write(config_path, plan.after.as_bytes(), 0o644)?;
+        }
+        println!(
+            "{} the bulwark runtime in {} (backup: {})",
+            if plan.adding { "added" } else { "removed" },
+            config_path.display(),
+            backup.display()
+        );
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Restarts containerd (or what runs it) when something changed, or when an earlier run's
+/// restart did not complete; returns whether containerd serves what the files now say.
+fn apply_change(plan: &InstallPlan, args: &InstallArgs, changed: bool) -> Result<bool> {
+    use bulwark_shim::install::write_atomically;
+    use bulwark_shim::restart::{Applied, apply};
+    // A restart that failed (or was cut short) in an earlier run left this marker: the files
+    // are as wanted, but containerd may not have read them, so restart again.
+    let pending = PathBuf::from(format!(
+        "{}.bulwark-restart-pending",
+        plan.config_path.display()
+    ));
+    let retry = !changed && !args.no_restart && pending.exists();
+    if retry {
+        println!("the restart of an earlier run did not complete: restarting again");
+    }
+    if !changed && !retry {
+        println!("nothing to change");
+        return Ok(true);
+    }
+    if let (true, Some(unit)) = (args.no_restart, plan.target.restart_unit) {
+        println!("restart {unit} to apply the change (--no-restart)");
+        return Ok(false);
+    }
+    write_atomically(&pending, b"", 0o600)
+        .with_context(|| format!("cannot write {}", pending.display()))?;
+    let outcome = apply(&plan.layout.host_root, &plan.target)?;
+    std::fs::remove_file(&pending)
+        .with_context(|| format!("cannot remove {}", pending.display()))?;
+    match outcome {
+        Applied::Systemd { unit } => println!("restarted {unit}"),
+        Applied::Signalled { stopped, started } => println!(
+            "restarted containerd: pid {stopped} stopped, its supervisor started pid {started}"
+        ),
+        Applied::NotRunning => println!(
+            "no running containerd serves {}: it reads the change when it starts",
+            plan.target.file.display()
+        ),
+        Applied::ByDistribution => {
+            println!("{}: applied by the distribution on its own", plan.target)
+        }
+    }
+    Ok(true)
 }
 
 /// `bulwark uninstall-nodes`: switches the installer DaemonSet's pods to `uninstall` and
