@@ -22,7 +22,8 @@ BULWARK    := $(BIN)/bulwark
 COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 
 APT_PACKAGES := libc6-dev clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
-	containerd runc docker-registry skopeo busybox-static protobuf-compiler
+	containerd runc containernetworking-plugins iproute2 docker-registry skopeo \
+	busybox-static protobuf-compiler
 
 .PHONY: all build guests components deps demo demo-cli test test-matrix test-cgroup2 installer-image kind-test bench lint clean
 

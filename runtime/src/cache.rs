@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::engine::{WasmKind, hex};
 
@@ -81,7 +82,9 @@ pub enum CacheEvent {
 /// A directory of verified precompiled artifacts for one node.
 pub struct ModuleCache {
     dir: PathBuf,
-    key: [u8; KEY_LEN],
+    /// The secret, in one heap block that is zeroed when the cache is dropped: a process
+    /// that drops its cache before running untrusted code keeps no copy of it.
+    key: Box<Zeroizing<[u8; KEY_LEN]>>,
 }
 
 impl std::fmt::Debug for ModuleCache {
@@ -196,7 +199,7 @@ impl ModuleCache {
     }
 
     fn mac(&self) -> Hmac<Sha256> {
-        Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length")
+        Hmac::<Sha256>::new_from_slice(&self.key[..]).expect("HMAC takes keys of any length")
     }
 
     fn read_verified(
@@ -307,33 +310,36 @@ fn check_private(dir: &Path) -> Result<(), CacheError> {
     Ok(())
 }
 
-fn load_or_create_key(dir: &Path) -> Result<[u8; KEY_LEN], CacheError> {
+fn load_or_create_key(dir: &Path) -> Result<Box<Zeroizing<[u8; KEY_LEN]>>, CacheError> {
     let path = dir.join("key");
     let io = |action, source| CacheError::Io {
         path: path.clone(),
         action,
         source,
     };
+    // Read straight into the key's own block: no other buffer ever holds the secret.
+    let mut key = Box::new(Zeroizing::new([0u8; KEY_LEN]));
     loop {
-        match fs::read(&path) {
-            Ok(bytes) if bytes.len() == KEY_LEN => {
-                let metadata =
-                    fs::metadata(&path).map_err(|source| io("inspect the key", source))?;
-                if metadata.permissions().mode() & 0o077 != 0 {
-                    return Err(CacheError::Insecure {
-                        path: path.clone(),
-                        problem: format!(
-                            "the key's mode is {:o}",
-                            metadata.permissions().mode() & 0o7777
-                        ),
-                        uid: unsafe { libc::geteuid() },
-                    });
+        match File::open(&path) {
+            Ok(mut file) => {
+                let metadata = file
+                    .metadata()
+                    .map_err(|source| io("inspect the key", source))?;
+                if metadata.len() == KEY_LEN as u64 {
+                    if metadata.permissions().mode() & 0o077 != 0 {
+                        return Err(CacheError::Insecure {
+                            path: path.clone(),
+                            problem: format!(
+                                "the key's mode is {:o}",
+                                metadata.permissions().mode() & 0o7777
+                            ),
+                            uid: unsafe { libc::geteuid() },
+                        });
+                    }
+                    file.read_exact(&mut key[..])
+                        .map_err(|source| io("read the key", source))?;
+                    return Ok(key);
                 }
-                let mut key = [0u8; KEY_LEN];
-                key.copy_from_slice(&bytes);
-                return Ok(key);
-            }
-            Ok(_) => {
                 // A damaged key invalidates every entry; a new one makes them recompile.
                 log::warn!("cache key {} is damaged; replacing it", path.display());
                 fs::remove_file(&path).map_err(|source| io("remove the damaged key", source))?;
@@ -341,9 +347,8 @@ fn load_or_create_key(dir: &Path) -> Result<[u8; KEY_LEN], CacheError> {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(io("read the key", source)),
         }
-        let mut key = [0u8; KEY_LEN];
         File::open("/dev/urandom")
-            .and_then(|mut random| random.read_exact(&mut key))
+            .and_then(|mut random| random.read_exact(&mut key[..]))
             .map_err(|source| io("draw a random key", source))?;
         let mut temp = tempfile::Builder::new()
             .prefix(".key-")
@@ -351,7 +356,7 @@ fn load_or_create_key(dir: &Path) -> Result<[u8; KEY_LEN], CacheError> {
             .map_err(|source| io("create the key", source))?;
         temp.as_file()
             .set_permissions(fs::Permissions::from_mode(0o600))
-            .and_then(|()| temp.write_all(&key))
+            .and_then(|()| temp.write_all(&key[..]))
             .and_then(|()| temp.as_file().sync_all())
             .map_err(|source| io("write the key", source))?;
         // Linking fails if a concurrent first user created the key first; then we use theirs.

@@ -417,6 +417,44 @@ impl Cgroup {
         }
     }
 
+    /// The processes in the cgroup (of every hierarchy it has).
+    pub fn processes(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .dirs
+            .iter()
+            .filter_map(|(_, dir)| fs::read_to_string(dir.join("cgroup.procs")).ok())
+            .flat_map(|procs| {
+                procs
+                    .lines()
+                    .filter_map(|line| line.trim().parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// SIGKILLs whatever runs in the cgroup and waits (up to `timeout`) until it is empty:
+    /// for containerd's clean-up after a shim died, when nobody else will.
+    pub fn kill_all(&self, timeout: std::time::Duration) -> bool {
+        let started = std::time::Instant::now();
+        loop {
+            let pids = self.processes();
+            if pids.is_empty() {
+                return true;
+            }
+            if started.elapsed() > timeout {
+                return false;
+            }
+            for pid in pids {
+                // SAFETY: kill(2); a pid in the container's own cgroup is the container's.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Removes the cgroup (after its processes have exited): stops the scope, if any, and
     /// removes the directories.
     pub fn remove(&self) -> Result<(), CgroupError> {

@@ -2,12 +2,10 @@
 //! (`capabilities.allow_native`, for sidecars): run by the node's own `runc`, the runtime
 //! containerd would have used for them, from the bundle containerd prepared.
 //!
-//! The shim gives runc a copy of the bundle's config.json with one change: namespaces that
-//! containerd pointed at the pod sandbox's process (IPC, UTS, and PID when the pod shares
-//! it) become new namespaces of the container's own. A Bulwark sandbox has no process of its
-//! own, so those paths name the shim's namespaces, which are the host's: joining them would
-//! put the container in the host's IPC and UTS namespaces. The pod's network namespace is a
-//! named one (`/var/run/netns/...`) and is joined as usual.
+//! The shim gives runc a copy of the bundle's config.json whose root path is absolute (runc
+//! runs it from a directory of its own). Its namespace paths name the pod sandbox's holder
+//! (`/proc/<holder pid>/ns/...`, see [`crate::sandbox`]), so a sidecar shares the pod's
+//! network, IPC and UTS namespaces exactly as in a runc pod.
 //!
 //! runc's state lives in the bundle, so nothing of it outlives the container's Delete.
 
@@ -69,7 +67,6 @@ impl NativeContainer {
             .map_err(|e| NativeError::Spec(format!("cannot create {}: {e}", dir.display())))?;
         let mut spec = Spec::load(bundle.join("config.json"))
             .map_err(|e| NativeError::Spec(format!("cannot read config.json: {e}")))?;
-        own_namespaces_instead_of_the_shims(&mut spec);
         if let Some(root) = spec.root().clone() {
             let mut root = root;
             root.set_path(bundle.join(root.path()));
@@ -185,28 +182,41 @@ fn last_error(log: &Path) -> Option<String> {
     })
 }
 
-/// Drops the paths of namespaces that point at this process (the sandbox's "process"), so
-/// runc makes new ones instead of joining the host's.
-fn own_namespaces_instead_of_the_shims(spec: &mut Spec) {
-    let shim = format!("/proc/{}/", std::process::id());
-    let Some(mut linux) = spec.linux().clone() else {
-        return;
-    };
-    if let Some(namespaces) = linux.namespaces().clone() {
-        let namespaces = namespaces
-            .into_iter()
-            .map(|mut namespace| {
-                if namespace
-                    .path()
-                    .as_ref()
-                    .is_some_and(|path| path.starts_with(&shim))
-                {
-                    namespace.set_path(None);
-                }
-                namespace
-            })
-            .collect();
-        linux.set_namespaces(Some(namespaces));
+/// After the shim died (containerd's `delete` action, a process of its own without the
+/// daemon's reaper): `runc delete --force` the native container `id` of `bundle`, if it has
+/// one, which kills what is left of it and removes its cgroup.
+pub fn delete_after_shim_died(id: &str, bundle: &Path) -> Result<(), NativeError> {
+    let dir = bundle.join("bulwark-native");
+    if !dir.join("state").exists() {
+        return Ok(());
     }
-    spec.set_linux(Some(linux));
+    let systemd_cgroup = Spec::load(dir.join("config.json"))
+        .ok()
+        .and_then(|spec| spec.linux().clone())
+        .and_then(|linux| linux.cgroups_path().clone())
+        .is_some_and(|path| crate::cgroup::is_systemd_form(&path.to_string_lossy()));
+    let mut command = Command::new(RUNC);
+    command.arg("--root").arg(dir.join("state"));
+    if systemd_cgroup {
+        command.arg("--systemd-cgroup");
+    }
+    let status = command
+        .args(["delete", "--force", id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| NativeError::Runc {
+            action: "delete",
+            message: format!("cannot run {RUNC}: {e}"),
+        })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if status.success() {
+        Ok(())
+    } else {
+        Err(NativeError::Runc {
+            action: "delete",
+            message: format!("exit status {status}"),
+        })
+    }
 }

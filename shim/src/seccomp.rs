@@ -6,9 +6,14 @@
 //! the sibling calls of the same operations (`*at` variants, vectored I/O). Sockets are
 //! allowed only when the policy grants network destinations.
 //!
+//! Some calls are allowed only with certain arguments: `clone` only for threads; `tgkill`
+//! only to the workload's own threads (no signal reaches another process); `socket` only
+//! for IPv4/IPv6 TCP, and only when the policy grants destinations; `fcntl`, `ioctl` and
+//! `prctl` only for the commands Wasmtime, WASI and the Rust runtime use (descriptor
+//! flags, terminal and non-blocking queries, thread names).
+//!
 //! Anything else fails with ENOSYS, as if this kernel did not have it: that is also what
-//! makes libc fall back from clone3 (whose flags a filter cannot inspect) to clone, which
-//! the filter allows only for threads.
+//! makes libc fall back from clone3 (whose flags a filter cannot inspect) to clone.
 
 use std::collections::BTreeMap;
 
@@ -34,8 +39,6 @@ const ALWAYS: &[i64] = &[
     libc::SYS_pwritev,
     libc::SYS_lseek,
     libc::SYS_close,
-    libc::SYS_fcntl,
-    libc::SYS_ioctl,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
@@ -72,7 +75,6 @@ const ALWAYS: &[i64] = &[
     libc::SYS_getpid,
     libc::SYS_sched_yield,
     libc::SYS_sched_getaffinity,
-    libc::SYS_prctl,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
@@ -93,14 +95,13 @@ const ALWAYS: &[i64] = &[
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sigaltstack,
-    libc::SYS_tgkill,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
 
-/// Outbound TCP through WASI sockets, for policies that grant destinations.
+/// Outbound TCP through WASI sockets, for policies that grant destinations (`socket`
+/// itself is allowed with arguments, below).
 const NETWORK: &[i64] = &[
-    libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_bind,
     libc::SYS_getsockname,
@@ -114,25 +115,93 @@ const NETWORK: &[i64] = &[
     libc::SYS_shutdown,
 ];
 
-/// Builds the allow-list filter.
-pub fn filter(network: bool) -> Result<BpfProgram, SeccompError> {
+/// `fcntl` commands: descriptor and status flags, duplication, and the seals Wasmtime puts
+/// on memory images. No locks, leases, signals-on-I/O, owners or pipe sizes.
+const FCNTL_COMMANDS: &[libc::c_int] = &[
+    libc::F_GETFD,
+    libc::F_SETFD,
+    libc::F_GETFL,
+    libc::F_SETFL,
+    libc::F_DUPFD_CLOEXEC,
+    libc::F_ADD_SEALS,
+    libc::F_GET_SEALS,
+];
+
+/// `ioctl` requests: "is this a terminal" and its size, non-blocking and close-on-exec
+/// switches, bytes ready to read. Nothing that reaches a device or injects terminal input.
+const IOCTL_REQUESTS: &[libc::c_ulong] = &[
+    libc::TCGETS,
+    libc::TIOCGWINSZ,
+    libc::FIONBIO,
+    libc::FIONREAD,
+    libc::FIOCLEX,
+    libc::FIONCLEX,
+];
+
+/// `prctl` options: thread names (the Rust runtime names its threads) and naming anonymous
+/// memory (the C library may).
+const PRCTL_OPTIONS: &[libc::c_int] = &[libc::PR_SET_NAME, libc::PR_GET_NAME, libc::PR_SET_VMA];
+
+/// Builds the allow-list filter for a process whose pid is `pid`.
+pub fn filter(network: bool, pid: libc::pid_t) -> Result<BpfProgram, SeccompError> {
     let error = |e: seccompiler::BackendError| SeccompError(e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for syscall in ALWAYS.iter().chain(if network { NETWORK } else { &[] }) {
         rules.insert(*syscall, Vec::new());
     }
+    // The arguments filtered on are C ints (or, for ioctl, an int-sized request): compare
+    // the low 32 bits, which is all the kernel reads of them.
+    let arg = |index: u8, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(error)
+    };
+    let rule = |conditions: Vec<SeccompCondition>| SeccompRule::new(conditions).map_err(error);
+    let one_of = |index: u8, values: &mut dyn Iterator<Item = u64>| {
+        values
+            .map(|value| rule(vec![arg(index, SeccompCmpOp::Eq, value)?]))
+            .collect::<Result<Vec<_>, _>>()
+    };
     // New threads yes, new processes no: clone only with CLONE_THREAD; clone3 is absent.
+    let thread = libc::CLONE_THREAD as u64;
     let thread_only = SeccompCondition::new(
         0,
         SeccompCmpArgLen::Qword,
-        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
-        libc::CLONE_THREAD as u64,
+        SeccompCmpOp::MaskedEq(thread),
+        thread,
     )
     .map_err(error)?;
+    rules.insert(libc::SYS_clone, vec![rule(vec![thread_only])?]);
+    // Signals to its own threads only (traps, abort): never to another process.
     rules.insert(
-        libc::SYS_clone,
-        vec![SeccompRule::new(vec![thread_only]).map_err(error)?],
+        libc::SYS_tgkill,
+        vec![rule(vec![arg(0, SeccompCmpOp::Eq, pid as u64)?])?],
     );
+    rules.insert(
+        libc::SYS_fcntl,
+        one_of(1, &mut FCNTL_COMMANDS.iter().map(|&c| c as u64))?,
+    );
+    rules.insert(
+        libc::SYS_ioctl,
+        one_of(1, &mut IOCTL_REQUESTS.iter().copied())?,
+    );
+    rules.insert(
+        libc::SYS_prctl,
+        one_of(0, &mut PRCTL_OPTIONS.iter().map(|&o| o as u64))?,
+    );
+    if network {
+        // TCP over IPv4 or IPv6 (the type may carry SOCK_NONBLOCK and SOCK_CLOEXEC).
+        let stream = libc::SOCK_STREAM as u64;
+        let mut socket = Vec::new();
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            for protocol in [0, libc::IPPROTO_TCP] {
+                socket.push(rule(vec![
+                    arg(0, SeccompCmpOp::Eq, family as u64)?,
+                    arg(1, SeccompCmpOp::MaskedEq(0xf), stream)?,
+                    arg(2, SeccompCmpOp::Eq, protocol as u64)?,
+                ])?);
+            }
+        }
+        rules.insert(libc::SYS_socket, socket);
+    }
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(error)?;
     SeccompFilter::new(
         rules,
@@ -147,6 +216,8 @@ pub fn filter(network: bool) -> Result<BpfProgram, SeccompError> {
 
 /// Installs the filter on every thread of the process.
 pub fn install(network: bool) -> Result<(), SeccompError> {
-    seccompiler::apply_filter_all_threads(&filter(network)?)
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    seccompiler::apply_filter_all_threads(&filter(network, pid)?)
         .map_err(|e| SeccompError(e.to_string()))
 }

@@ -1,16 +1,21 @@
-//! The containerd task service: containerd's requests translated into containers that
-//! are either the pod sandbox (no process: there is nothing to pause for) or a Wasm
-//! workload process, and their exits reported back as events.
+//! The containerd task service: containerd's requests translated into containers, each
+//! backed by a process of its own from Create on — the pod sandbox's holder
+//! ([`crate::sandbox`]), a Wasm workload process waiting at its gate ([`crate::workload`]),
+//! or a native container's init (runc) — and their exits reported back as events.
 //!
 //! One shim process serves a whole pod: `start` groups containers by their CRI sandbox id.
+//! The pod's lock guards bookkeeping only: starting processes, D-Bus calls to systemd and
+//! runc all happen outside it, so one container's slow Create or Start never stalls the
+//! calls about the pod's other containers.
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::collections::{HashMap, VecDeque};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::process::Stdio;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use containerd_shim::api::{self, Empty};
 use containerd_shim::monitor::{ExitEvent, Subject, Topic, monitor_subscribe};
@@ -24,21 +29,22 @@ use containerd_shim::{
     Config, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
 
-use bulwark_runtime::cache::DEFAULT_CACHE_DIR;
 use bulwark_runtime::config::{DEFAULT_CONFIG_PATH, NodeConfig};
-use bulwark_runtime::engine::detect_kind;
-use bulwark_runtime::policy::{Access, Policy, Request};
-use bulwark_runtime::run::Preopen;
 
-use crate::cgroup::{Cgroup, Resources};
-use crate::content::{IMAGE_NAME, fetch_wasm_layer};
+use crate::cgroup::Cgroup;
+use crate::container::{ARTIFACT_MODULE_FILE, ContentStore, PLAN_FILE, Prepared};
 use crate::native::{NativeContainer, NativeStdio};
 use crate::options::config_path_from_options;
-use crate::spec::{ContainerSpec, SpecError};
-use crate::workload::{self, LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
+use crate::spawn::ProcessLimits;
+use crate::spec::ContainerSpec;
+use crate::workload::Gated;
 
-/// Overrides the node cache directory (tests use a private one).
-pub const CACHE_DIR_ENV: &str = "BULWARK_CACHE_DIR";
+/// How long Delete waits for a created-but-never-started container's process to go.
+const DELETE_WAIT: Duration = Duration::from_secs(10);
+/// How many exits of processes no container claimed (yet) are remembered.
+const UNCLAIMED_EXITS: usize = 64;
+
+type TtrpcError = containerd_shim::protos::ttrpc::Error;
 
 /// The shim: containerd's `start`/`delete` actions and the daemon's task service.
 pub struct BulwarkShim {
@@ -46,6 +52,7 @@ pub struct BulwarkShim {
     namespace: String,
     containerd_address: String,
     socket: String,
+    id: String,
 }
 
 impl containerd_shim::Shim for BulwarkShim {
@@ -57,6 +64,7 @@ impl containerd_shim::Shim for BulwarkShim {
             namespace: args.namespace.clone(),
             containerd_address: args.address.clone(),
             socket: args.socket.clone(),
+            id: args.id.clone(),
         }
     }
 
@@ -84,10 +92,10 @@ impl containerd_shim::Shim for BulwarkShim {
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         // containerd calls this when the shim died: clean up what it may have left.
         let bundle = std::env::current_dir().unwrap_or_default();
-        unmount_rootfs(&bundle);
+        clean_up_after_dead_shim(&bundle, &self.id);
         let mut response = DeleteResponse::new();
         response.set_exit_status(137);
-        response.exited_at = MessageField::some(now());
+        response.exited_at = MessageField::some(timestamp(SystemTime::now()));
         Ok(response)
     }
 
@@ -102,11 +110,55 @@ impl containerd_shim::Shim for BulwarkShim {
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         TaskService::new(
-            self.namespace.clone(),
-            self.containerd_address.clone(),
+            ContentStore {
+                address: self.containerd_address.clone(),
+                namespace: self.namespace.clone(),
+            },
             publisher,
             self.exit.clone(),
         )
+    }
+}
+
+/// What a shim that died may have left of one container: its processes (the workload,
+/// the holder, a native container), its cgroup or scope, its files, its rootfs mount.
+fn clean_up_after_dead_shim(bundle: &Path, id: &str) {
+    if let Err(err) = crate::native::delete_after_shim_died(id, bundle) {
+        log::warn!("{err}");
+    }
+    let cgroup = ContainerSpec::load(bundle)
+        .ok()
+        .and_then(|spec| spec.cgroups_path)
+        .and_then(|path| Cgroup::locate(&path).ok());
+    if let Some(cgroup) = cgroup {
+        if !cgroup.kill_all(Duration::from_secs(5)) {
+            log::warn!("processes of {id} survived SIGKILL");
+        }
+        if let Err(err) = cgroup.remove() {
+            log::warn!("{err}");
+        }
+    }
+    remove_files(bundle);
+    unmount_rootfs(bundle);
+    remove_dead_socket(bundle);
+}
+
+/// The shim's socket, named in the bundle's `address` file, once nothing listens on it
+/// any more: a SIGKILLed shim cannot remove it itself. (containerd also runs `delete` when
+/// one container failed to start while the shim serves the pod's others: then it answers.)
+fn remove_dead_socket(bundle: &Path) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return;
+    };
+    let Some(path) = address.trim().strip_prefix("unix://") else {
+        return;
+    };
+    let refused = matches!(
+        std::os::unix::net::UnixStream::connect(path),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused
+    );
+    if refused && let Err(err) = std::fs::remove_file(path) {
+        log::warn!("cannot remove the dead shim's socket {path}: {err}");
     }
 }
 
@@ -114,6 +166,8 @@ impl containerd_shim::Shim for BulwarkShim {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Created,
+    /// Start is under way outside the lock (runc start).
+    Starting,
     Running,
     Stopped,
 }
@@ -121,27 +175,16 @@ enum Phase {
 #[derive(Debug, Clone, Copy)]
 struct Exit {
     code: u32,
-    at: std::time::SystemTime,
+    at: SystemTime,
 }
 
 enum Kind {
-    /// The pod sandbox: no process, alive until killed.
+    /// The pod sandbox: its holder process.
     Sandbox,
-    /// A Wasm workload, run by a workload process.
-    Wasm {
-        plan_path: PathBuf,
-        cgroup: Option<Cgroup>,
-        stdio: StdioPaths,
-    },
-    /// A native container (where the node allows them), run by runc; its init process
-    /// exists from Create on.
-    Native {
-        container: NativeContainer,
-        init_pid: u32,
-        /// Its cgroup, which runc manages, for Stats.
-        cgroup: Option<Cgroup>,
-        stdio: StdioPaths,
-    },
+    /// A Wasm workload, whose process waits at its gate until Start.
+    Wasm { gate: Option<Gated> },
+    /// A native container (where the node allows them), run by runc.
+    Native(NativeContainer),
 }
 
 #[derive(Clone, Default)]
@@ -155,8 +198,14 @@ struct Container {
     bundle: PathBuf,
     kind: Kind,
     status: Phase,
+    /// The container's process, from Create on.
     pid: u32,
     exit: Option<Exit>,
+    /// Its cgroup (for a native container, runc's, read for Stats).
+    cgroup: Option<Cgroup>,
+    stdio: StdioPaths,
+    /// Read ends of its output FIFOs, held while it lives (see [`hold_output_fifos`]).
+    _output_readers: Vec<std::fs::File>,
 }
 
 impl Container {
@@ -168,26 +217,55 @@ impl Container {
     }
 }
 
-/// The containers of this shim. `start` holds the lock from spawning a workload until its
-/// pid is recorded, so the exit watcher always finds the container an exit belongs to.
+/// The containers of this shim, and the exits of processes no container claimed yet (a
+/// process that dies between its start and its container's entry here).
 struct State {
     containers: HashMap<String, Container>,
+    unclaimed: VecDeque<(u32, Exit)>,
 }
 
 impl State {
-    fn get(&self, id: &str) -> Result<&Container, containerd_shim::protos::ttrpc::Error> {
+    fn get(&self, id: &str) -> Result<&Container, TtrpcError> {
         self.containers.get(id).ok_or_else(|| not_found(id))
     }
 
-    fn get_mut(
-        &mut self,
-        id: &str,
-    ) -> Result<&mut Container, containerd_shim::protos::ttrpc::Error> {
+    fn get_mut(&mut self, id: &str) -> Result<&mut Container, TtrpcError> {
         self.containers.get_mut(id).ok_or_else(|| not_found(id))
+    }
+
+    /// The container whose process `pid` just exited records it; else it waits to be
+    /// claimed. Returns the event to publish.
+    fn process_exited(&mut self, pid: u32, exit: Exit) -> Option<TaskExit> {
+        let found = self
+            .containers
+            .iter_mut()
+            .find(|(_, c)| c.pid == pid && c.status != Phase::Stopped);
+        match found {
+            Some((id, container)) => Some(container.stopped(id, exit)),
+            None => {
+                if self.unclaimed.len() == UNCLAIMED_EXITS {
+                    self.unclaimed.pop_front();
+                }
+                self.unclaimed.push_back((pid, exit));
+                None
+            }
+        }
+    }
+
+    /// Adds a container whose process may already have exited; returns the exit event then.
+    fn insert(&mut self, id: &str, mut container: Container) -> Option<TaskExit> {
+        let claimed = self
+            .unclaimed
+            .iter()
+            .position(|(pid, _)| *pid == container.pid)
+            .and_then(|index| self.unclaimed.remove(index));
+        let event = claimed.map(|(_, exit)| container.stopped(id, exit));
+        self.containers.insert(id.to_owned(), container);
+        event
     }
 }
 
-fn not_found(id: &str) -> containerd_shim::protos::ttrpc::Error {
+fn not_found(id: &str) -> TtrpcError {
     error(Code::NOT_FOUND, format!("container {id} not found"))
 }
 
@@ -213,25 +291,20 @@ impl Events {
 
 /// The ttrpc task service of one shim process.
 pub struct TaskService {
-    namespace: String,
-    containerd_address: String,
+    content: ContentStore,
     events: Arc<Events>,
     state: Arc<(Mutex<State>, Condvar)>,
     shutdown: Arc<ExitSignal>,
 }
 
-fn error(code: Code, message: impl Into<String>) -> containerd_shim::protos::ttrpc::Error {
+fn error(code: Code, message: impl Into<String>) -> TtrpcError {
     let mut status = containerd_shim::protos::ttrpc::Status::new();
     status.set_code(code);
     status.set_message(message.into());
     containerd_shim::protos::ttrpc::Error::RpcStatus(status)
 }
 
-fn now() -> Timestamp {
-    timestamp(std::time::SystemTime::now())
-}
-
-fn timestamp(at: std::time::SystemTime) -> Timestamp {
+fn timestamp(at: SystemTime) -> Timestamp {
     let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let mut ts = Timestamp::new();
     ts.seconds = since.as_secs() as i64;
@@ -241,24 +314,23 @@ fn timestamp(at: std::time::SystemTime) -> Timestamp {
 
 impl TaskService {
     fn new(
-        namespace: String,
-        containerd_address: String,
+        content: ContentStore,
         publisher: RemotePublisher,
         shutdown: Arc<ExitSignal>,
     ) -> TaskService {
         let state = Arc::new((
             Mutex::new(State {
                 containers: HashMap::new(),
+                unclaimed: VecDeque::new(),
             }),
             Condvar::new(),
         ));
         let service = TaskService {
             events: Arc::new(Events {
-                namespace: namespace.clone(),
+                namespace: content.namespace.clone(),
                 publisher: Mutex::new(publisher),
             }),
-            namespace,
-            containerd_address,
+            content,
             state,
             shutdown,
         };
@@ -266,7 +338,7 @@ impl TaskService {
         service
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -286,283 +358,203 @@ impl TaskService {
                     let Subject::Pid(pid) = subject else { continue };
                     let exit = Exit {
                         code: exit_code as u32,
-                        at: std::time::SystemTime::now(),
+                        at: SystemTime::now(),
                     };
                     let (lock, condvar) = &*state;
-                    let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    let found = state.containers.iter_mut().find(|(_, c)| {
-                        c.pid == pid as u32
-                            && c.status != Phase::Stopped
-                            && !matches!(c.kind, Kind::Sandbox)
-                    });
-                    let Some((id, container)) = found else {
-                        log::debug!("exit of pid {pid}, which runs no container");
-                        continue;
-                    };
-                    let event = container.stopped(id, exit);
-                    condvar.notify_all();
-                    drop(state);
-                    events.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event));
+                    let event = lock
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .process_exited(pid as u32, exit);
+                    if let Some(event) = event {
+                        condvar.notify_all();
+                        events.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event));
+                    }
                 }
             })
             .expect("cannot start the exit watcher");
     }
 
+    /// Creates the container of `req` and its process; no lock is held.
     fn create_container(&self, req: &api::CreateTaskRequest) -> Result<Container, String> {
         if req.terminal {
             return Err("bulwark runs WebAssembly without a terminal: tty is not supported (set tty: false)".into());
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = ContainerSpec::load(&bundle).map_err(|e| e.to_string())?;
-        let config_path = config_path_from_options(req.options.as_ref())
-            .map_err(|e| e.to_string())?
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-        let config = NodeConfig::load(&config_path).map_err(|e| e.to_string())?;
+        let config = match config_path_from_options(req.options.as_ref()) {
+            Ok(Some(path)) => NodeConfig::load_required(&path),
+            Ok(None) => NodeConfig::load(Path::new(DEFAULT_CONFIG_PATH)),
+            Err(error) => return Err(error.to_string()),
+        }
+        .map_err(|e| e.to_string())?;
         mount_rootfs(&bundle, &req.rootfs)?;
-        let result = if spec.is_sandbox {
-            Ok(Kind::Sandbox)
-        } else {
-            self.prepare_wasm(&bundle, &spec, &config, req)
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
         };
-        match result {
-            Ok(kind) => Ok(Container {
+        let created = if spec.is_sandbox {
+            create_sandbox(&bundle, &spec)
+        } else {
+            match crate::container::prepare(&bundle, &spec, &config, &self.content) {
+                Ok(Prepared::Wasm(wasm)) => create_wasm(wasm, &spec, &stdio),
+                Ok(Prepared::Native) => create_native(&req.id, &bundle, &spec, &stdio),
+                Err(message) => Err(message),
+            }
+        };
+        match created {
+            Ok((kind, pid, cgroup)) => Ok(Container {
                 bundle,
-                pid: match &kind {
-                    Kind::Native { init_pid, .. } => *init_pid,
-                    _ => 0,
-                },
                 kind,
                 status: Phase::Created,
+                pid,
                 exit: None,
+                cgroup,
+                _output_readers: hold_output_fifos(&stdio),
+                stdio,
             }),
             Err(message) => {
+                remove_files(&bundle);
                 unmount_rootfs(&bundle);
                 Err(message)
             }
         }
     }
 
-    fn prepare_wasm(
+    /// Waits until container `id` has exited, at most `timeout` (`None`: forever).
+    fn wait_for_exit(
         &self,
-        bundle: &Path,
-        spec: &ContainerSpec,
-        config: &NodeConfig,
-        req: &api::CreateTaskRequest,
-    ) -> Result<Kind, String> {
-        let annotations = spec
-            .annotations
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()));
-        let request = Request::from_annotations(annotations).map_err(|e| e.to_string())?;
-        let mut policy = Policy::resolve(config, &request).map_err(|e| e.to_string())?;
-        if let Some(limit) = spec.memory_limit.filter(|limit| *limit > 0) {
-            policy.bound_by_container_memory(limit as u64);
-        }
-        let rootfs = bundle.join("rootfs");
-        let entrypoint = spec.args.first().ok_or(
-            "the container has no entrypoint: set command to the wasm file, e.g. [\"/app.wasm\"]",
-        )?;
-        let module = self.find_module(bundle, spec, entrypoint).and_then(|path| {
-            let head = read_head(&path).map_err(|e| format!("entrypoint {entrypoint}: {e}"))?;
-            Ok((path, head))
-        });
-        let is_wasm = module
-            .as_ref()
-            .is_ok_and(|(_, head)| detect_kind(head).is_ok());
-        if !is_wasm && policy.allow_native {
-            return Self::prepare_native(bundle, spec, req);
-        }
-        let (module, head) = module?;
-        check_module(&head, entrypoint)?;
-        let mut preopens = Vec::new();
-        for grant in &policy.dirs {
-            let (host, read_only) = spec
-                .host_path(&rootfs, &grant.path)
-                .map_err(|SpecError(e)| format!("bulwark.dev/dirs: {}: {e}", grant.path))?;
-            if !host.is_dir() {
-                return Err(format!(
-                    "bulwark.dev/dirs: {} is not a directory in the container",
-                    grant.path
-                ));
-            }
-            if read_only && grant.access == Access::ReadWrite {
-                return Err(format!(
-                    "bulwark.dev/dirs: {}:rw asks to write to a volume mounted read-only",
-                    grant.path
-                ));
-            }
-            preopens.push(Preopen {
-                host,
-                guest: grant.path.clone(),
-                access: grant.access,
-            });
-        }
-        let plan = Plan {
-            module,
-            args: spec.args.clone(),
-            env: policy.filter_env(spec.env.clone()),
-            preopens,
-            cache_dir: std::env::var_os(CACHE_DIR_ENV)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
-            termination_log: spec.termination_log(),
-            uid: spec.uid,
-            gid: spec.gid,
-            additional_gids: spec.additional_gids.clone(),
-            network_namespace: spec.network_namespace.clone(),
-            policy,
-        };
-        let plan_path = bundle.join("bulwark-plan.json");
-        plan.write(&plan_path).map_err(|e| format!("{e:#}"))?;
-        let cgroup = match &spec.cgroups_path {
-            Some(path) => Some(
-                Cgroup::create(
-                    path,
-                    &Resources {
-                        memory_limit: spec.memory_limit,
-                        cpu: spec.cpu,
-                        pids_limit: spec.pids_limit,
-                    },
-                )
-                .map_err(|e| e.to_string())?,
-            ),
-            None => None,
-        };
-        Ok(Kind::Wasm {
-            plan_path,
-            cgroup,
-            stdio: StdioPaths {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-            },
-        })
-    }
-
-    /// The module file the entrypoint names: in the rootfs, or for a Wasm artifact, its
-    /// layer from containerd's content store.
-    fn find_module(
-        &self,
-        bundle: &Path,
-        spec: &ContainerSpec,
-        entrypoint: &str,
-    ) -> Result<PathBuf, String> {
-        let in_rootfs = match spec.host_path(&bundle.join("rootfs"), entrypoint) {
-            Ok((path, _)) if path.is_file() => return Ok(path),
-            other => other,
-        };
-        // No such file in a rootfs: the image may be a Wasm artifact, whose module is a
-        // layer in containerd's content store rather than a file.
-        let not_found = || {
-            log::info!("entrypoint {entrypoint}: {in_rootfs:?}");
-            format!(
-                "entrypoint {entrypoint}: no such file in the container image (the entrypoint names the .wasm file to run, e.g. /app.wasm)"
-            )
-        };
-        let image = spec.annotations.get(IMAGE_NAME).ok_or_else(not_found)?;
-        let dest = bundle.join("bulwark-module.wasm");
-        if !fetch_wasm_layer(&self.containerd_address, &self.namespace, image, &dest)? {
-            return Err(not_found());
-        }
-        Ok(dest)
-    }
-
-    /// A native container on a node that allows them: created by runc now, so that its
-    /// pid is known at Create, as containerd expects.
-    fn prepare_native(
-        bundle: &Path,
-        spec: &ContainerSpec,
-        req: &api::CreateTaskRequest,
-    ) -> Result<Kind, String> {
-        let stdio = NativeStdio {
-            stdin: open_stdio(&req.stdin, false)?,
-            stdout: open_stdio(&req.stdout, true)?,
-            stderr: open_stdio(&req.stderr, true)?,
-        };
-        let (container, init_pid) =
-            NativeContainer::create(&req.id, bundle, stdio).map_err(|e| e.to_string())?;
-        let cgroup = spec
-            .cgroups_path
-            .as_deref()
-            .and_then(|path| Cgroup::locate(path).ok());
-        log::info!(
-            "native container {} created by runc, pid {init_pid}",
-            req.id
-        );
-        Ok(Kind::Native {
-            container,
-            init_pid,
-            cgroup,
-            stdio: StdioPaths {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-            },
-        })
-    }
-
-    fn spawn_workload(
-        plan_path: &Path,
-        cgroup: Option<&Cgroup>,
-        stdio: &StdioPaths,
-    ) -> Result<u32, String> {
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot find the shim binary: {e}"))?;
-        let mut command = Command::new(exe);
-        command
-            .arg(WORKLOAD_ARG)
-            .arg(plan_path)
-            .env_clear()
-            .current_dir("/")
-            .stdin(open_stdio(&stdio.stdin, false)?)
-            .stdout(open_stdio(&stdio.stdout, true)?)
-            .stderr(open_stdio(&stdio.stderr, true)?);
-        for name in [CACHE_DIR_ENV, LOCKDOWN_PROBE_ENV, "RUST_LOG"] {
-            if let Some(value) = std::env::var_os(name) {
-                command.env(name, value);
-            }
-        }
-        // The workload waits at its gate until it is in its cgroup (or scope), so it never
-        // runs guest code outside it. Only async-signal-safe calls happen in the child.
-        let (gate_reader, gate_writer) =
-            workload::gate_pipe().map_err(|e| format!("cannot make the workload's gate: {e}"))?;
-        workload::attach_gate(&mut command, &gate_reader);
-        let mut child = command
-            .spawn()
-            .map_err(|e| format!("cannot start the workload process: {e}"))?;
-        drop(gate_reader);
-        let pid = child.id();
-        let placed = match cgroup {
-            Some(cgroup) => cgroup.place(pid).map_err(|e| e.to_string()),
-            None => Ok(()),
-        };
-        let released = placed.and_then(|()| {
-            (&gate_writer)
-                .write_all(b"1")
-                .map_err(|e| format!("cannot release the workload process: {e}"))
-        });
-        if let Err(message) = released {
-            // Closing the gate unreleased makes the workload exit without running; kill it
-            // anyway so Start fails with nothing left running.
-            let _ = child.kill();
-            return Err(message);
-        }
-        Ok(pid)
-    }
-
-    fn wait_for_exit(&self, id: &str) -> Result<Exit, containerd_shim::protos::ttrpc::Error> {
-        let (lock, condvar) = &*self.state;
-        let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Exit>, TtrpcError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let (_, condvar) = &*self.state;
+        let mut state = self.lock();
         loop {
             match state.containers.get(id) {
                 None => return Err(not_found(id)),
                 Some(Container {
                     exit: Some(exit), ..
-                }) => return Ok(*exit),
-                Some(_) => state = condvar.wait(state).unwrap_or_else(|e| e.into_inner()),
+                }) => return Ok(Some(*exit)),
+                Some(_) => {}
+            }
+            state = match deadline {
+                None => condvar.wait(state).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    condvar
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// runc start of a native container, outside the lock.
+    fn start_native(&self, id: &str, native: NativeContainer) -> Result<u32, TtrpcError> {
+        let started = native.start();
+        let mut state = self.lock();
+        let container = state.get_mut(id)?;
+        match started {
+            Ok(()) => {
+                // The init may already have run to its end (the watcher saw it).
+                if container.status == Phase::Starting {
+                    container.status = Phase::Running;
+                }
+                Ok(container.pid)
+            }
+            Err(err) => {
+                if container.status == Phase::Starting {
+                    container.status = Phase::Created;
+                }
+                Err(error(Code::INTERNAL, err.to_string()))
             }
         }
     }
+}
+
+type Created = (Kind, u32, Option<Cgroup>);
+
+/// The pod sandbox: its holder process in the pod's namespaces and the sandbox's cgroup.
+fn create_sandbox(bundle: &Path, spec: &ContainerSpec) -> Result<Created, String> {
+    let pid = crate::sandbox::start(bundle, spec)?;
+    let placed = crate::container::create_cgroup(spec).and_then(|cgroup| {
+        if let Some(cgroup) = &cgroup {
+            cgroup.place(pid).map_err(|e| e.to_string())?;
+        }
+        ProcessLimits::of(spec).apply(pid)?;
+        Ok(cgroup)
+    });
+    match placed {
+        Ok(cgroup) => Ok((Kind::Sandbox, pid, cgroup)),
+        Err(message) => {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            Err(message)
+        }
+    }
+}
+
+/// A Wasm container: its workload process, started and waiting at its gate.
+fn create_wasm(
+    wasm: Box<crate::container::WasmContainer>,
+    spec: &ContainerSpec,
+    stdio: &StdioPaths,
+) -> Result<Created, String> {
+    let wasm = *wasm;
+    let started = open_stdio(stdio).and_then(|stdio| {
+        crate::workload::start_gated(
+            wasm.launch,
+            stdio,
+            wasm.cgroup.as_ref(),
+            &ProcessLimits::of(spec),
+        )
+    });
+    match started {
+        Ok(gated) => {
+            let pid = gated.pid;
+            Ok((Kind::Wasm { gate: Some(gated) }, pid, wasm.cgroup))
+        }
+        Err(message) => {
+            if let Some(cgroup) = &wasm.cgroup
+                && let Err(err) = cgroup.remove()
+            {
+                log::warn!("{err}");
+            }
+            Err(message)
+        }
+    }
+}
+
+/// A native container on a node that allows them: created by runc now, so that its pid is
+/// known at Create, as containerd expects.
+fn create_native(
+    id: &str,
+    bundle: &Path,
+    spec: &ContainerSpec,
+    stdio: &StdioPaths,
+) -> Result<Created, String> {
+    let [stdin, stdout, stderr] = open_stdio(stdio)?;
+    let (container, init_pid) = NativeContainer::create(
+        id,
+        bundle,
+        NativeStdio {
+            stdin,
+            stdout,
+            stderr,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let cgroup = spec
+        .cgroups_path
+        .as_deref()
+        .and_then(|path| Cgroup::locate(path).ok());
+    log::info!("native container {id} created by runc, pid {init_pid}");
+    Ok((Kind::Native(container), init_pid, cgroup))
 }
 
 fn exit_event(id: &str, pid: u32, exit: Exit) -> TaskExit {
@@ -575,8 +567,16 @@ fn exit_event(id: &str, pid: u32, exit: Exit) -> TaskExit {
     event
 }
 
-/// Opens a FIFO containerd created for the container's stdio (`/dev/null` if none).
-fn open_stdio(path: &str, write: bool) -> Result<Stdio, String> {
+/// Opens the FIFOs containerd created for the container's stdio (`/dev/null` if none).
+fn open_stdio(paths: &StdioPaths) -> Result<[Stdio; 3], String> {
+    Ok([
+        open_fifo(&paths.stdin, false)?,
+        open_fifo(&paths.stdout, true)?,
+        open_fifo(&paths.stderr, true)?,
+    ])
+}
+
+fn open_fifo(path: &str, write: bool) -> Result<Stdio, String> {
     if path.is_empty() {
         return Ok(Stdio::null());
     }
@@ -601,24 +601,29 @@ fn open_stdio(path: &str, write: bool) -> Result<Stdio, String> {
         .map_err(|e| format!("cannot open {path}: {e}"))
 }
 
-/// The first bytes of a module file: enough to tell Wasm (a module or a component) from
-/// anything else.
-fn read_head(module: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(8);
-    File::open(module)?.take(8).read_to_end(&mut head)?;
-    Ok(head)
+/// Opens (and the container keeps) a read end of its stdout and stderr FIFOs, as runc's
+/// shim does: while containerd restarts nobody else reads them, and a FIFO without a reader
+/// fails the container's writes with EPIPE. Held, the output waits in the FIFO until
+/// containerd is back and drains it into the log.
+fn hold_output_fifos(stdio: &StdioPaths) -> Vec<std::fs::File> {
+    [&stdio.stdout, &stdio.stderr]
+        .into_iter()
+        .filter(|path| !path.is_empty())
+        .filter_map(|path| {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .inspect_err(|err| log::warn!("cannot hold {path} open: {err}"))
+                .ok()
+        })
+        .collect()
 }
 
-/// Refuses entrypoints that are not WebAssembly (on a node that allows no native
-/// containers), with a message that says what they are.
-fn check_module(head: &[u8], entrypoint: &str) -> Result<(), String> {
-    match detect_kind(head) {
-        Ok(_) => Ok(()),
-        Err(not_wasm) if head.starts_with(b"\x7fELF") || head.starts_with(b"#!") => Err(format!(
-            "entrypoint {entrypoint} is a native executable, not WebAssembly: this node runs only Wasm (capabilities.allow_native = false; {not_wasm})"
-        )),
-        Err(not_wasm) => Err(format!("entrypoint {entrypoint}: {not_wasm}")),
+/// The files the shim wrote into a bundle.
+fn remove_files(bundle: &Path) {
+    for file in [PLAN_FILE, ARTIFACT_MODULE_FILE] {
+        let _ = std::fs::remove_file(bundle.join(file));
     }
 }
 
@@ -653,6 +658,18 @@ fn unmount_rootfs(bundle: &Path) {
     }
 }
 
+/// kill(2) of a container's process; a process that is already gone is not an error.
+fn signal(id: &str, pid: u32, signal: u32) -> Result<(), TtrpcError> {
+    // SAFETY: kill(2) on our own child's pid; it is not reaped until it exits.
+    if unsafe { libc::kill(pid as libc::pid_t, signal as libc::c_int) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ESRCH) {
+            return Err(error(Code::INTERNAL, format!("cannot signal {id}: {err}")));
+        }
+    }
+    Ok(())
+}
+
 impl containerd_shim::Task for TaskService {
     fn create(
         &self,
@@ -669,13 +686,17 @@ impl containerd_shim::Task for TaskService {
             log::warn!("refused container {}: {message}", req.id);
             error(Code::INVALID_ARGUMENT, message)
         })?;
-        let pid = std::process::id();
-        self.lock().containers.insert(req.id.clone(), container);
+        let pid = container.pid;
+        let exited = self.lock().insert(&req.id, container);
         let mut event = TaskCreate::new();
         event.container_id = req.id.clone();
         event.bundle = req.bundle.clone();
         event.pid = pid;
         self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event));
+        if let Some(exit) = exited {
+            self.state.1.notify_all();
+            self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(exit));
+        }
         let mut response = api::CreateTaskResponse::new();
         response.pid = pid;
         Ok(response)
@@ -700,28 +721,39 @@ impl containerd_shim::Task for TaskService {
                 format!("container {} was already started", req.id),
             ));
         }
-        let pid = match &container.kind {
-            Kind::Sandbox => std::process::id(),
-            Kind::Wasm {
-                plan_path,
-                cgroup,
-                stdio,
-            } => TaskService::spawn_workload(plan_path, cgroup.as_ref(), stdio)
-                .map_err(|message| error(Code::INTERNAL, message))?,
-            Kind::Native {
-                container: native,
-                init_pid,
-                ..
-            } => {
-                native
-                    .start()
-                    .map_err(|e| error(Code::INTERNAL, e.to_string()))?;
-                *init_pid
+        let pid = match &mut container.kind {
+            Kind::Sandbox => {
+                container.status = Phase::Running;
+                container.pid
+            }
+            Kind::Wasm { gate } => {
+                // A pipe write of one byte: quick enough to do under the lock, which keeps
+                // the workload's exit from arriving before its container is Running.
+                let gate = gate.take().ok_or_else(|| {
+                    error(
+                        Code::FAILED_PRECONDITION,
+                        "the workload was already released",
+                    )
+                })?;
+                gate.release().map_err(|e| {
+                    error(
+                        Code::INTERNAL,
+                        format!(
+                            "the workload process of {} is gone before it started: {e}",
+                            req.id
+                        ),
+                    )
+                })?;
+                container.status = Phase::Running;
+                container.pid
+            }
+            Kind::Native(native) => {
+                let native = native.clone();
+                container.status = Phase::Starting;
+                drop(state);
+                self.start_native(&req.id, native)?
             }
         };
-        container.pid = pid;
-        container.status = Phase::Running;
-        drop(state);
         let mut event = TaskStart::new();
         event.container_id = req.id.clone();
         event.pid = pid;
@@ -732,43 +764,18 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
-        let mut state = self.lock();
-        let container = state.get_mut(&req.id)?;
-        match (&container.kind, container.status) {
-            (_, Phase::Stopped) => {}
-            (Kind::Wasm { .. }, Phase::Running) | (Kind::Native { .. }, _) => {
-                // SAFETY: kill(2) on our own child's pid; it is not reaped until it exits.
-                if unsafe { libc::kill(container.pid as i32, req.signal as i32) } != 0 {
-                    let err = std::io::Error::last_os_error();
-                    if err.raw_os_error() != Some(libc::ESRCH) {
-                        return Err(error(
-                            Code::INTERNAL,
-                            format!("cannot signal {}: {err}", req.id),
-                        ));
-                    }
-                }
-            }
-            // The sandbox has no process; a never-started container has none yet.
-            (_, _) => {
-                let code = match req.signal as i32 {
-                    libc::SIGTERM | libc::SIGINT if matches!(container.kind, Kind::Sandbox) => 0,
-                    signal => 128 + signal as u32,
-                };
-                let exit = Exit {
-                    code,
-                    at: std::time::SystemTime::now(),
-                };
-                let event = container.stopped(&req.id, exit);
-                self.state.1.notify_all();
-                drop(state);
-                self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event));
-            }
+        let state = self.lock();
+        let container = state.get(&req.id)?;
+        if container.status != Phase::Stopped {
+            signal(&req.id, container.pid, req.signal)?;
         }
         Ok(Empty::new())
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        let exit = self.wait_for_exit(&req.id)?;
+        let exit = self
+            .wait_for_exit(&req.id, None)?
+            .expect("waiting without a timeout ends with an exit");
         let mut response = api::WaitResponse::new();
         response.exit_status = exit.code;
         response.exited_at = MessageField::some(timestamp(exit.at));
@@ -780,40 +787,51 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        let mut state = self.lock();
+        let state = self.lock();
         let container = state.get(&req.id)?;
-        if container.status == Phase::Running {
-            return Err(error(
-                Code::FAILED_PRECONDITION,
-                format!("container {} is still running", req.id),
-            ));
+        match container.status {
+            Phase::Running | Phase::Starting => {
+                return Err(error(
+                    Code::FAILED_PRECONDITION,
+                    format!("container {} is still running", req.id),
+                ));
+            }
+            // Created but never started: its process waits; end it first.
+            Phase::Created => {
+                signal(&req.id, container.pid, libc::SIGKILL as u32)?;
+                drop(state);
+                if self.wait_for_exit(&req.id, Some(DELETE_WAIT))?.is_none() {
+                    return Err(error(
+                        Code::DEADLINE_EXCEEDED,
+                        format!("the process of {} did not exit after SIGKILL", req.id),
+                    ));
+                }
+            }
+            Phase::Stopped => drop(state),
         }
-        let container = state.containers.remove(&req.id).expect("just found");
+        let mut state = self.lock();
+        let container = state
+            .containers
+            .remove(&req.id)
+            .ok_or_else(|| not_found(&req.id))?;
         let remaining = state.containers.len();
         drop(state);
-        if let Kind::Wasm {
-            plan_path, cgroup, ..
-        } = &container.kind
-        {
-            let _ = std::fs::remove_file(plan_path);
-            let _ = std::fs::remove_file(container.bundle.join("bulwark-module.wasm"));
-            if let Some(cgroup) = cgroup
-                && let Err(err) = cgroup.remove()
-            {
-                log::warn!("{err}");
-            }
-        }
-        if let Kind::Native {
-            container: native, ..
-        } = &container.kind
+        if let Kind::Native(native) = &container.kind
             && let Err(err) = native.delete()
         {
             log::warn!("{err}");
         }
+        if let (false, Some(cgroup)) =
+            (matches!(container.kind, Kind::Native(_)), &container.cgroup)
+            && let Err(err) = cgroup.remove()
+        {
+            log::warn!("{err}");
+        }
+        remove_files(&container.bundle);
         unmount_rootfs(&container.bundle);
         let exit = container.exit.unwrap_or(Exit {
             code: 0,
-            at: std::time::SystemTime::now(),
+            at: SystemTime::now(),
         });
         let mut event = TaskDelete::new();
         event.container_id = req.id.clone();
@@ -842,16 +860,14 @@ impl containerd_shim::Task for TaskService {
         response.bundle = container.bundle.display().to_string();
         response.pid = container.pid;
         response.status = match container.status {
-            Phase::Created => api::Status::CREATED,
+            Phase::Created | Phase::Starting => api::Status::CREATED,
             Phase::Running => api::Status::RUNNING,
             Phase::Stopped => api::Status::STOPPED,
         }
         .into();
-        if let Kind::Wasm { stdio, .. } | Kind::Native { stdio, .. } = &container.kind {
-            response.stdin = stdio.stdin.clone();
-            response.stdout = stdio.stdout.clone();
-            response.stderr = stdio.stderr.clone();
-        }
+        response.stdin = container.stdio.stdin.clone();
+        response.stdout = container.stdio.stdout.clone();
+        response.stderr = container.stdio.stderr.clone();
         if let Some(exit) = container.exit {
             response.exit_status = exit.code;
             response.exited_at = MessageField::some(timestamp(exit.at));
@@ -863,7 +879,7 @@ impl containerd_shim::Task for TaskService {
         let state = self.lock();
         let container = state.get(&req.id)?;
         let mut response = api::PidsResponse::new();
-        if container.status == Phase::Running && container.pid != 0 {
+        if container.status != Phase::Stopped && container.pid != 0 {
             let mut info = containerd_shim::protos::types::task::ProcessInfo::new();
             info.pid = container.pid;
             response.processes.push(info);
@@ -876,20 +892,8 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let state = self.lock();
-        let container = state.get(&req.id)?;
-        let usage = match &container.kind {
-            Kind::Wasm {
-                cgroup: Some(cgroup),
-                ..
-            }
-            | Kind::Native {
-                cgroup: Some(cgroup),
-                ..
-            } => cgroup.usage(),
-            _ => Default::default(),
-        };
-        drop(state);
+        let cgroup = self.lock().get(&req.id)?.cgroup.clone();
+        let usage = cgroup.map(|cgroup| cgroup.usage()).unwrap_or_default();
         let any =
             crate::stats::metrics(&usage).map_err(|e| error(Code::INTERNAL, e.to_string()))?;
         let mut response = api::StatsResponse::new();

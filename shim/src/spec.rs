@@ -1,15 +1,25 @@
 //! What the shim reads from a container's OCI bundle: containerd's world, translated into
-//! the plain values the runtime crate takes. No policy decisions are made here.
+//! the plain values the rest of the shim and the runtime crate take. No policy decisions
+//! are made here.
+//!
+//! Paths inside the container are never turned into host path strings to be opened later:
+//! [`ContainerSpec::locate`] says which trusted host directory (a volume's source or the
+//! rootfs) holds them, and [`Location::open`] opens them beneath it in one step, without
+//! following any symlink out of it. What is opened is what the workload gets.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxNamespaceType, PosixRlimitType, Spec};
 
 /// CRI's annotation naming a container's kind (`sandbox` or `container`).
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// CRI's annotation naming a container's pod sandbox.
 pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI's annotation naming a container (`metadata.name` in the pod spec).
+pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 /// Where kubelet mounts the termination-message file inside a container.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
 
@@ -27,6 +37,102 @@ pub struct BindMount {
     pub source: PathBuf,
     /// Mounted read-only.
     pub read_only: bool,
+}
+
+/// The Linux namespaces a container spec names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamespaceKind {
+    /// Network: interfaces, addresses, ports.
+    Network,
+    /// System V IPC and POSIX message queues.
+    Ipc,
+    /// Host and domain name.
+    Uts,
+    /// Process IDs.
+    Pid,
+    /// Mounts.
+    Mount,
+    /// User and group IDs (a pod with `hostUsers: false`).
+    User,
+    /// The cgroup root.
+    Cgroup,
+    /// Clocks.
+    Time,
+}
+
+impl NamespaceKind {
+    /// The `clone(2)`/`setns(2)` flag.
+    pub fn clone_flag(self) -> libc::c_int {
+        match self {
+            NamespaceKind::Network => libc::CLONE_NEWNET,
+            NamespaceKind::Ipc => libc::CLONE_NEWIPC,
+            NamespaceKind::Uts => libc::CLONE_NEWUTS,
+            NamespaceKind::Pid => libc::CLONE_NEWPID,
+            NamespaceKind::Mount => libc::CLONE_NEWNS,
+            NamespaceKind::User => libc::CLONE_NEWUSER,
+            NamespaceKind::Cgroup => libc::CLONE_NEWCGROUP,
+            NamespaceKind::Time => 0x80, // CLONE_NEWTIME
+        }
+    }
+
+    /// The name in `/proc/PID/ns/`.
+    pub fn proc_name(self) -> &'static str {
+        match self {
+            NamespaceKind::Network => "net",
+            NamespaceKind::Ipc => "ipc",
+            NamespaceKind::Uts => "uts",
+            NamespaceKind::Pid => "pid",
+            NamespaceKind::Mount => "mnt",
+            NamespaceKind::User => "user",
+            NamespaceKind::Cgroup => "cgroup",
+            NamespaceKind::Time => "time",
+        }
+    }
+
+    fn from_oci(kind: LinuxNamespaceType) -> NamespaceKind {
+        match kind {
+            LinuxNamespaceType::Network => NamespaceKind::Network,
+            LinuxNamespaceType::Ipc => NamespaceKind::Ipc,
+            LinuxNamespaceType::Uts => NamespaceKind::Uts,
+            LinuxNamespaceType::Pid => NamespaceKind::Pid,
+            LinuxNamespaceType::Mount => NamespaceKind::Mount,
+            LinuxNamespaceType::User => NamespaceKind::User,
+            LinuxNamespaceType::Cgroup => NamespaceKind::Cgroup,
+            LinuxNamespaceType::Time => NamespaceKind::Time,
+        }
+    }
+}
+
+/// One entry of `linux.namespaces`: join the namespace at `path`, or (no path) get a new
+/// one. A kind the spec does not list is shared with the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    /// Which namespace.
+    pub kind: NamespaceKind,
+    /// The namespace to join (`/proc/<sandbox pid>/ns/net`, `/var/run/netns/cni-...`).
+    pub path: Option<PathBuf>,
+}
+
+/// One `process.rlimits` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    /// The `RLIMIT_*` resource.
+    pub resource: libc::__rlimit_resource_t,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// The container's user: who its process runs as.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct User {
+    /// `process.user.uid` (kubelet's `runAsUser`, else the image's user).
+    pub uid: u32,
+    /// `process.user.gid` (`runAsGroup`, else the image's group).
+    pub gid: u32,
+    /// `process.user.additionalGids` (`supplementalGroups`, `fsGroup`).
+    pub additional_gids: Vec<u32>,
 }
 
 /// The parts of a container's `config.json` that Bulwark uses.
@@ -53,14 +159,19 @@ pub struct ContainerSpec {
     /// Bind mounts (volumes, secrets, the termination log...).
     pub mounts: Vec<BindMount>,
     /// `process.user`.
-    pub uid: u32,
-    /// `process.user`.
-    pub gid: u32,
-    /// `process.user.additionalGids`.
-    pub additional_gids: Vec<u32>,
-    /// The pod's network namespace (`linux.namespaces`, type network, with a path), which
-    /// the workload joins so that a guest's sockets use the pod's network, not the node's.
-    pub network_namespace: Option<PathBuf>,
+    pub user: User,
+    /// `linux.namespaces`.
+    pub namespaces: Vec<Namespace>,
+    /// `hostname` (set in a new UTS namespace).
+    pub hostname: Option<String>,
+    /// `linux.sysctl` (kubelet's namespaced pod sysctls, on the sandbox).
+    pub sysctls: BTreeMap<String, String>,
+    /// `process.oomScoreAdj`, kubelet's QoS score.
+    pub oom_score_adj: Option<i32>,
+    /// `process.rlimits`.
+    pub rlimits: Vec<Rlimit>,
+    /// `root.readonly` (`readOnlyRootFilesystem: true`).
+    pub readonly_rootfs: bool,
 }
 
 /// CPU controls kubelet derives from requests and limits.
@@ -72,6 +183,20 @@ pub struct CpuResources {
     pub quota: Option<i64>,
     /// CFS period in microseconds.
     pub period: Option<u64>,
+}
+
+/// Where a container path lives: `rest` beneath the trusted host directory `root` (a
+/// volume's source, which kubelet made, or the container's rootfs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The host directory the path is confined to.
+    pub root: PathBuf,
+    /// The path below it, relative.
+    pub rest: PathBuf,
+    /// Whether that directory is mounted read-only into the container.
+    pub read_only: bool,
+    /// Whether `root` is the container's rootfs (no volume covers the path).
+    pub in_rootfs: bool,
 }
 
 impl ContainerSpec {
@@ -90,93 +215,96 @@ impl ContainerSpec {
             .get(CONTAINER_TYPE)
             .is_some_and(|kind| kind == "sandbox");
         let process = spec.process().as_ref();
-        let args = process.and_then(|p| p.args().clone()).unwrap_or_default();
-        let env = process
-            .and_then(|p| p.env().clone())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|entry| match entry.split_once('=') {
-                Some((name, value)) => (name.to_owned(), value.to_owned()),
-                None => (entry, String::new()),
-            })
-            .collect();
-        let terminal = process.and_then(|p| p.terminal()).unwrap_or(false);
-        let (uid, gid, additional_gids) = process
-            .map(|p| {
-                let user = p.user();
-                (
-                    user.uid(),
-                    user.gid(),
-                    user.additional_gids().clone().unwrap_or_default(),
-                )
-            })
-            .unwrap_or((0, 0, Vec::new()));
         let linux = spec.linux().as_ref();
         let resources = linux.and_then(|l| l.resources().as_ref());
-        let memory_limit = resources
-            .and_then(|r| r.memory().as_ref())
-            .and_then(|m| m.limit())
-            .filter(|limit| *limit > 0);
-        let cpu = resources
-            .and_then(|r| r.cpu().as_ref())
-            .map(|cpu| CpuResources {
-                shares: cpu.shares(),
-                quota: cpu.quota(),
-                period: cpu.period(),
-            })
-            .unwrap_or_default();
-        let pids_limit = resources
-            .and_then(|r| r.pids().as_ref())
-            .map(|pids| pids.limit())
-            .filter(|limit| *limit > 0);
-        let mounts = spec
-            .mounts()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|mount| {
-                let options = mount.options().clone().unwrap_or_default();
-                let is_bind = mount.typ().as_deref() == Some("bind")
-                    || options.iter().any(|o| o == "bind" || o == "rbind");
-                let source = mount.source().clone()?;
-                is_bind.then(|| BindMount {
-                    destination: mount.destination().display().to_string(),
-                    source,
-                    read_only: options.iter().any(|o| o == "ro"),
-                })
-            })
-            .collect();
-        let network_namespace = linux
-            .and_then(|l| l.namespaces().as_ref())
-            .and_then(|namespaces| {
-                namespaces
-                    .iter()
-                    .find(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
-            })
-            .and_then(|ns| ns.path().clone());
         ContainerSpec {
-            args,
-            env,
+            args: process.and_then(|p| p.args().clone()).unwrap_or_default(),
+            env: process
+                .and_then(|p| p.env().clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|entry| match entry.split_once('=') {
+                    Some((name, value)) => (name.to_owned(), value.to_owned()),
+                    None => (entry, String::new()),
+                })
+                .collect(),
             annotations,
             is_sandbox,
-            terminal,
+            terminal: process.and_then(|p| p.terminal()).unwrap_or(false),
             cgroups_path: linux
                 .and_then(|l| l.cgroups_path().clone())
                 .map(|p| p.display().to_string()),
-            memory_limit,
-            cpu,
-            pids_limit,
-            mounts,
-            uid,
-            gid,
-            additional_gids,
-            network_namespace,
+            memory_limit: resources
+                .and_then(|r| r.memory().as_ref())
+                .and_then(|m| m.limit())
+                .filter(|limit| *limit > 0),
+            cpu: resources
+                .and_then(|r| r.cpu().as_ref())
+                .map(|cpu| CpuResources {
+                    shares: cpu.shares(),
+                    quota: cpu.quota(),
+                    period: cpu.period(),
+                })
+                .unwrap_or_default(),
+            pids_limit: resources
+                .and_then(|r| r.pids().as_ref())
+                .map(|pids| pids.limit())
+                .filter(|limit| *limit > 0),
+            mounts: bind_mounts(spec),
+            user: process
+                .map(|p| User {
+                    uid: p.user().uid(),
+                    gid: p.user().gid(),
+                    additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
+                })
+                .unwrap_or_default(),
+            namespaces: linux
+                .and_then(|l| l.namespaces().clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|ns| Namespace {
+                    kind: NamespaceKind::from_oci(ns.typ()),
+                    path: ns.path().clone(),
+                })
+                .collect(),
+            hostname: spec.hostname().clone().filter(|name| !name.is_empty()),
+            sysctls: linux
+                .and_then(|l| l.sysctl().clone())
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            oom_score_adj: process.and_then(|p| p.oom_score_adj()),
+            rlimits: process
+                .and_then(|p| p.rlimits().clone())
+                .unwrap_or_default()
+                .iter()
+                .map(|rlimit| Rlimit {
+                    resource: rlimit_resource(rlimit.typ()),
+                    soft: rlimit.soft(),
+                    hard: rlimit.hard(),
+                })
+                .collect(),
+            readonly_rootfs: spec
+                .root()
+                .as_ref()
+                .and_then(|root| root.readonly())
+                .unwrap_or(false),
         }
     }
 
     /// The pod this container belongs to (its own id for the sandbox itself).
     pub fn sandbox_id(&self) -> Option<&str> {
         self.annotations.get(SANDBOX_ID).map(String::as_str)
+    }
+
+    /// The container's name in its pod, for per-container annotations.
+    pub fn container_name(&self) -> Option<&str> {
+        self.annotations.get(CONTAINER_NAME).map(String::as_str)
+    }
+
+    /// The namespace of `kind` the spec names, if any.
+    pub fn namespace(&self, kind: NamespaceKind) -> Option<&Namespace> {
+        self.namespaces.iter().find(|ns| ns.kind == kind)
     }
 
     /// The host file kubelet mounted as the termination-message file, if any.
@@ -187,65 +315,149 @@ impl ContainerSpec {
             .map(|mount| mount.source.clone())
     }
 
-    /// Where a container path lives on the host: under the bind mount that covers it
-    /// (the longest destination wins), else inside the rootfs. Returns whether a read-only
-    /// mount covers it. Never leaves the rootfs or the mount through `..` or symlinks.
-    pub fn host_path(
-        &self,
-        rootfs: &Path,
-        container_path: &str,
-    ) -> Result<(PathBuf, bool), SpecError> {
-        let relative = |base: &str| -> Option<PathBuf> {
-            let rest = Path::new(container_path).strip_prefix(base).ok()?;
-            Some(rest.to_owned())
-        };
+    /// Which trusted host directory holds a container path: the bind mount that covers it
+    /// (the longest destination wins), else the rootfs. `..` is refused outright.
+    pub fn locate(&self, rootfs: &Path, container_path: &str) -> Result<Location, SpecError> {
+        let path = Path::new(container_path);
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(SpecError(format!("{container_path}: '..' is not allowed")));
+        }
+        let below = |base: &str| path.strip_prefix(base).ok().map(Path::to_owned);
         let covering = self
             .mounts
             .iter()
-            .filter(|mount| relative(&mount.destination).is_some())
+            .filter(|mount| below(&mount.destination).is_some())
             .max_by_key(|mount| mount.destination.len());
-        let (root, rest, read_only) = match covering {
-            Some(mount) => (
-                mount.source.clone(),
-                relative(&mount.destination).unwrap_or_default(),
-                mount.read_only,
-            ),
-            None => (
-                rootfs.to_owned(),
-                Path::new(container_path)
-                    .strip_prefix("/")
-                    .unwrap_or(Path::new(container_path))
-                    .to_owned(),
-                false,
-            ),
-        };
-        Ok((resolve_beneath(&root, &rest)?, read_only))
+        Ok(match covering {
+            Some(mount) => Location {
+                root: mount.source.clone(),
+                rest: below(&mount.destination).unwrap_or_default(),
+                read_only: mount.read_only,
+                in_rootfs: false,
+            },
+            None => Location {
+                root: rootfs.to_owned(),
+                rest: path.strip_prefix("/").unwrap_or(path).to_owned(),
+                read_only: self.readonly_rootfs,
+                in_rootfs: true,
+            },
+        })
     }
 }
 
-/// Joins `rest` onto `root` and resolves symlinks, refusing any result outside `root`.
-pub fn resolve_beneath(root: &Path, rest: &Path) -> Result<PathBuf, SpecError> {
-    if rest.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(SpecError(format!(
-            "{}: '..' is not allowed",
-            rest.display()
-        )));
+impl Location {
+    /// Opens the path beneath its root in one step: `openat2(2)` with `RESOLVE_IN_ROOT`, so
+    /// `..` and symlinks (absolute ones included) resolve as if the root were `/` and can
+    /// never lead out of it, and no magic link is followed. `flags` are `open(2)` flags;
+    /// `O_CLOEXEC` is added.
+    pub fn open(&self, flags: libc::c_int) -> std::io::Result<File> {
+        if self.rest.as_os_str().is_empty() {
+            // The mount's source itself (a file mounted on its own, such as a subPath),
+            // whose host path kubelet made.
+            return open_plain(&self.root, flags).map(File::from);
+        }
+        let root = open_plain(&self.root, libc::O_PATH | libc::O_DIRECTORY)?;
+        openat2_in_root(&root, &self.rest, flags).map(File::from)
     }
-    let root = root
-        .canonicalize()
-        .map_err(|error| SpecError(format!("{}: {error}", root.display())))?;
-    let joined = root.join(rest);
-    let resolved = joined
-        .canonicalize()
-        .map_err(|error| SpecError(format!("{}: {error}", joined.display())))?;
-    if !resolved.starts_with(&root) {
-        return Err(SpecError(format!(
-            "{} leads outside its root {}",
-            rest.display(),
-            root.display()
-        )));
+}
+
+/// `open(2)` of a trusted host path (kubelet's or containerd's), close-on-exec.
+fn open_plain(path: &Path, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: open with a NUL-terminated path; the descriptor is owned by the result.
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    Ok(resolved)
+    // SAFETY: fd is fresh and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `struct open_how` of openat2(2).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_IN_ROOT: u64 = 0x10;
+
+fn openat2_in_root(root: &OwnedFd, rest: &Path, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let rest = std::ffi::CString::new(rest.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let how = OpenHow {
+        flags: (flags | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 with a valid directory descriptor, a NUL-terminated path and an
+    // open_how of the size passed; the descriptor is owned by the result.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            rest.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ENOSYS) {
+            return Err(std::io::Error::other(
+                "this kernel has no openat2 (Linux 5.6 or later is required)",
+            ));
+        }
+        return Err(error);
+    }
+    // SAFETY: fd is fresh and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+fn bind_mounts(spec: &Spec) -> Vec<BindMount> {
+    spec.mounts()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|mount| {
+            let options = mount.options().clone().unwrap_or_default();
+            let is_bind = mount.typ().as_deref() == Some("bind")
+                || options.iter().any(|o| o == "bind" || o == "rbind");
+            let source = mount.source().clone()?;
+            is_bind.then(|| BindMount {
+                destination: mount.destination().display().to_string(),
+                source,
+                read_only: options.iter().any(|o| o == "ro"),
+            })
+        })
+        .collect()
+}
+
+fn rlimit_resource(kind: PosixRlimitType) -> libc::__rlimit_resource_t {
+    match kind {
+        PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
+        PosixRlimitType::RlimitFsize => libc::RLIMIT_FSIZE,
+        PosixRlimitType::RlimitData => libc::RLIMIT_DATA,
+        PosixRlimitType::RlimitStack => libc::RLIMIT_STACK,
+        PosixRlimitType::RlimitCore => libc::RLIMIT_CORE,
+        PosixRlimitType::RlimitRss => libc::RLIMIT_RSS,
+        PosixRlimitType::RlimitNproc => libc::RLIMIT_NPROC,
+        PosixRlimitType::RlimitNofile => libc::RLIMIT_NOFILE,
+        PosixRlimitType::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+        PosixRlimitType::RlimitAs => libc::RLIMIT_AS,
+        PosixRlimitType::RlimitLocks => libc::RLIMIT_LOCKS,
+        PosixRlimitType::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+        PosixRlimitType::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+        PosixRlimitType::RlimitNice => libc::RLIMIT_NICE,
+        PosixRlimitType::RlimitRtprio => libc::RLIMIT_RTPRIO,
+        PosixRlimitType::RlimitRttime => libc::RLIMIT_RTTIME,
+    }
 }
 
 #[cfg(test)]
@@ -254,35 +466,66 @@ mod tests {
 
     fn spec_with_mounts(mounts: Vec<BindMount>) -> ContainerSpec {
         let mut spec = ContainerSpec::from_spec(&Spec::default());
+        // oci-spec's default root is read-only; containerd's is not.
+        spec.readonly_rootfs = false;
         spec.mounts = mounts;
         spec
     }
 
+    fn read(location: &Location, file: &str) -> std::io::Result<String> {
+        let mut location = location.clone();
+        location.rest = location.rest.join(file);
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut location.open(libc::O_RDONLY)?, &mut text)?;
+        Ok(text)
+    }
+
     #[test]
-    fn host_paths_follow_mounts_and_stay_inside() {
+    fn paths_are_located_under_their_mount_and_opened_beneath_it() {
         let temp = tempfile::tempdir().unwrap();
         let rootfs = temp.path().join("rootfs");
         let volume = temp.path().join("volume");
         std::fs::create_dir_all(rootfs.join("app/data")).unwrap();
         std::fs::create_dir_all(volume.join("sub")).unwrap();
-        std::os::unix::fs::symlink("/etc", rootfs.join("app/evil")).unwrap();
+        std::fs::write(rootfs.join("app/data/file"), "rootfs").unwrap();
+        std::fs::write(volume.join("sub/file"), "volume").unwrap();
+        std::fs::write(temp.path().join("secret"), "host").unwrap();
+        std::os::unix::fs::symlink("/etc", rootfs.join("app/abs")).unwrap();
+        std::os::unix::fs::symlink("../../..", volume.join("sub/up")).unwrap();
         let spec = spec_with_mounts(vec![BindMount {
             destination: "/data".into(),
             source: volume.clone(),
             read_only: true,
         }]);
-        let (path, ro) = spec.host_path(&rootfs, "/app/data").unwrap();
-        assert_eq!(
-            (path, ro),
-            (rootfs.join("app/data").canonicalize().unwrap(), false)
+        let data = spec.locate(&rootfs, "/app/data").unwrap();
+        assert_eq!((data.read_only, data.in_rootfs), (false, true));
+        assert_eq!(read(&data, "file").unwrap(), "rootfs");
+        let sub = spec.locate(&rootfs, "/data/sub").unwrap();
+        assert_eq!((sub.read_only, sub.in_rootfs), (true, false));
+        assert_eq!(read(&sub, "file").unwrap(), "volume");
+        // Symlinks resolve inside the root, never out of it.
+        let abs = spec.locate(&rootfs, "/app/abs").unwrap();
+        assert!(read(&abs, "passwd").is_err(), "the host's /etc/passwd");
+        let up = spec.locate(&rootfs, "/data/sub/up").unwrap();
+        assert!(read(&up, "secret").is_err(), "a file beside the volume");
+        assert_eq!(read(&up, "sub/file").unwrap(), "volume");
+        assert!(spec.locate(&rootfs, "/app/../../etc").is_err());
+    }
+
+    #[test]
+    fn a_read_only_rootfs_makes_rootfs_paths_read_only() {
+        let mut spec = spec_with_mounts(vec![BindMount {
+            destination: "/scratch".into(),
+            source: "/tmp".into(),
+            read_only: false,
+        }]);
+        spec.readonly_rootfs = true;
+        assert!(spec.locate(Path::new("/r"), "/app").unwrap().read_only);
+        assert!(
+            !spec
+                .locate(Path::new("/r"), "/scratch/x")
+                .unwrap()
+                .read_only
         );
-        let (path, ro) = spec.host_path(&rootfs, "/data/sub").unwrap();
-        assert_eq!(
-            (path, ro),
-            (volume.join("sub").canonicalize().unwrap(), true)
-        );
-        assert!(spec.host_path(&rootfs, "/app/evil").is_err());
-        assert!(spec.host_path(&rootfs, "/app/../../etc").is_err());
-        assert!(spec.host_path(&rootfs, "/missing").is_err());
     }
 }

@@ -1,11 +1,19 @@
 //! The workload process: one per Wasm container, started by the shim as
-//! `containerd-shim-bulwark-v1 workload PLAN`. It waits at its gate until the shim has
-//! placed it in the container's cgroup (or systemd scope), loads the module through the
-//! node cache, locks itself down (no new privileges, no capabilities, the container's
-//! user, Landlock over the filesystem) and only then runs the guest. Its exit code is the
-//! container's: the guest's own, or the contract's code for a limit.
+//! `containerd-shim-bulwark-v1 workload PLAN`.
+//!
+//! The shim starts it ([`Launch`]) in the pod's network, IPC and UTS namespaces, with the
+//! container's module and preopened directories as descriptors it opened once, beneath the
+//! container's root (see [`crate::spec::Location`]): the workload never looks a container
+//! path up itself. It waits at its gate until the shim has placed it in the container's
+//! cgroup (or systemd scope) and set its OOM score and rlimits, loads the module through the
+//! node cache, locks itself down ([`crate::lockdown`]) and only then runs the guest. Its exit
+//! code is the container's: the guest's own, or the contract's code for a limit.
 
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -15,46 +23,61 @@ use bulwark_runtime::policy::{Access, Policy};
 use bulwark_runtime::run::{Preopen, Report, Workload};
 use bulwark_runtime::{Runtime, RuntimeOptions};
 
+use crate::cgroup::Cgroup;
+use crate::spawn::{ProcessLimits, on_spawner_thread};
+use crate::spec::{Namespace, User};
+
 /// The first argument that turns the shim binary into a workload process.
 pub const WORKLOAD_ARG: &str = "workload";
 
 /// The descriptor the workload process inherits the read end of its gate on: the shim
 /// writes one byte once the process is in its cgroup; end of file means it never will be.
-pub const WORKLOAD_GATE_FD: i32 = 3;
+pub const WORKLOAD_GATE_FD: RawFd = 3;
+/// The descriptor the module (the wasm file, opened by the shim) arrives on.
+pub const MODULE_FD: RawFd = 4;
+/// The descriptor of the first preopened directory; the others follow in the plan's order,
+/// and the termination-message file, if the plan has one, comes after them.
+pub const FIRST_PREOPEN_FD: RawFd = 5;
 
 /// What the workload process tries right after locking itself down, colon-separated,
-/// reporting each on stderr: paths to open from the host side, and `@NAME` for the syscalls
-/// `socket`, `fork`, `unshare` and `ptrace`. It is the test of the lock-down: a stand-in
-/// for a bug in the engine that would let a guest reach past it. It only ever reports
-/// whether an attempt succeeded.
+/// reporting each on stderr: paths to open for reading from the host side, `>PATH` to
+/// create or write, and `@NAME` for system calls: `socket` (an IPv4 TCP socket),
+/// `socket-unix`, `socket-netlink`, `fork`, `unshare`, `ptrace` and `kill-PID` (signal 0).
+/// It is the test of the lock-down: a stand-in for a bug in the engine that would let a
+/// guest reach past it. It only ever reports whether an attempt succeeded.
 pub const LOCKDOWN_PROBE_ENV: &str = "BULWARK_LOCKDOWN_PROBE";
+
+/// A directory the guest gets, as the plan records it (the descriptor arrives at
+/// [`FIRST_PREOPEN_FD`] + its index).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedPreopen {
+    /// The path the guest uses (the container path).
+    pub guest: String,
+    /// What the guest may do there.
+    pub access: Access,
+}
 
 /// Everything a workload process needs, resolved by the shim at Create.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
-    /// The wasm file on the host (inside the rootfs, or a content-store blob).
-    pub module: PathBuf,
+    /// The entrypoint as the container names it, for messages (the module itself arrives on
+    /// [`MODULE_FD`]).
+    pub entrypoint: String,
     /// argv for the guest.
     pub args: Vec<String>,
     /// Environment, after the policy's allow-list.
     pub env: Vec<(String, String)>,
-    /// Preopened directories, host paths resolved.
-    pub preopens: Vec<Preopen>,
+    /// Preopened directories, in descriptor order.
+    pub preopens: Vec<PlannedPreopen>,
     /// The effective policy.
     pub policy: Policy,
     /// The node's module cache.
     pub cache_dir: PathBuf,
-    /// Kubernetes' termination-message file on the host.
-    pub termination_log: Option<PathBuf>,
+    /// Whether kubelet mounted a termination-message file (it arrives, opened for writing,
+    /// after the preopened directories).
+    pub termination_log: bool,
     /// The container's user.
-    pub uid: u32,
-    /// The container's group.
-    pub gid: u32,
-    /// The container's supplementary groups.
-    pub additional_gids: Vec<u32>,
-    /// The pod's network namespace to join, if it has one of its own.
-    #[serde(default)]
-    pub network_namespace: Option<PathBuf>,
+    pub user: User,
 }
 
 impl Plan {
@@ -81,6 +104,181 @@ impl Plan {
     }
 }
 
+/// How the shim starts a workload process: its plan, the descriptors it inherits and the
+/// pod namespaces it is born into.
+#[derive(Debug)]
+pub struct Launch {
+    /// The plan file.
+    pub plan: PathBuf,
+    /// The module, open for reading.
+    pub module: File,
+    /// The preopened directories, in the plan's order.
+    pub preopens: Vec<File>,
+    /// The termination-message file kubelet made, open for writing.
+    pub termination_log: Option<File>,
+    /// The namespaces to join (with a path) or to get anew (without).
+    pub namespaces: Vec<Namespace>,
+}
+
+impl Launch {
+    /// The command that starts the workload process (`exe`: the shim binary, which the shim
+    /// names as [`SELF_EXE`]), gated on `gate` (the read end of a [`pipe`]). Only
+    /// async-signal-safe calls happen in the child before it runs: it asks to die with its
+    /// parent, moves its descriptors into place and enters the pod's namespaces.
+    pub fn command(self, gate: &File, exe: &Path) -> Result<Command> {
+        use std::os::unix::process::CommandExt;
+        let mut joins: Vec<(libc::c_int, OwnedFd)> = Vec::new();
+        let mut unshare = 0;
+        for namespace in &self.namespaces {
+            match &namespace.path {
+                Some(path) => {
+                    let file = File::open(path).with_context(|| {
+                        format!(
+                            "cannot open the pod's {} namespace {}",
+                            namespace.kind.proc_name(),
+                            path.display()
+                        )
+                    })?;
+                    joins.push((namespace.kind.clone_flag(), file.into()));
+                }
+                None => unshare |= namespace.kind.clone_flag(),
+            }
+        }
+        let mut inherited: Vec<OwnedFd> = vec![gate.try_clone()?.into(), self.module.into()];
+        inherited.extend(self.preopens.into_iter().map(OwnedFd::from));
+        inherited.extend(self.termination_log.map(OwnedFd::from));
+        let parent = std::process::id() as libc::pid_t;
+        let mut command = Command::new(exe);
+        command.arg0("containerd-shim-bulwark-v1");
+        command.arg(WORKLOAD_ARG).arg(&self.plan);
+        // SAFETY: the closure makes only async-signal-safe system calls (prctl, getppid,
+        // fcntl, dup2, setns, unshare) on descriptors it owns.
+        unsafe {
+            command.pre_exec(move || {
+                crate::spawn::die_with_parent(parent)?;
+                place_descriptors(&inherited, WORKLOAD_GATE_FD)?;
+                for (flag, namespace) in &joins {
+                    if libc::setns(namespace.as_raw_fd(), *flag) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if unshare != 0 && libc::unshare(unshare) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+}
+
+/// Makes `fds` the descriptors `first`, `first + 1`, ... of this (forked) process, without
+/// close-on-exec. Async-signal-safe. Copies go above the target range first, so a source
+/// that already sits on a target number is never overwritten before it is moved.
+fn place_descriptors(fds: &[OwnedFd], first: RawFd) -> std::io::Result<()> {
+    let above = first + fds.len() as RawFd;
+    let mut copies = [0 as RawFd; 64];
+    if fds.len() > copies.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    for (copy, fd) in copies.iter_mut().zip(fds) {
+        // SAFETY: fcntl on a descriptor we own; the copy is close-on-exec.
+        *copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above) };
+        if *copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (target, copy) in (first..).zip(&copies[..fds.len()]) {
+        // SAFETY: dup2 onto a number we are making ours; it clears close-on-exec.
+        if unsafe { libc::dup2(*copy, target) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The shim's own binary, for starting its workload and holder processes: the running
+/// file itself, which stays valid when an upgrade replaces the file at the shim's path.
+pub const SELF_EXE: &str = "/proc/self/exe";
+
+/// A close-on-exec pipe: a workload's gate (the read end goes to [`Launch::command`], the
+/// write end releases it), or a holder's status report.
+pub fn pipe() -> std::io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    unsafe { Ok((File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))) }
+}
+
+/// Environment the shim passes on to its workload processes (nothing else of its own
+/// environment reaches them).
+const PASSED_ENV: [&str; 3] = [
+    crate::container::CACHE_DIR_ENV,
+    LOCKDOWN_PROBE_ENV,
+    "RUST_LOG",
+];
+
+/// A workload process, started and waiting at its gate for [`Gated::release`].
+#[derive(Debug)]
+pub struct Gated {
+    /// Its pid.
+    pub pid: u32,
+    gate: File,
+}
+
+impl Gated {
+    /// Lets the workload run (it loads its module and runs the guest).
+    pub fn release(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        (&self.gate).write_all(b"1")
+    }
+}
+
+/// Starts the workload process of `launch` with `stdio`, places it in `cgroup` and applies
+/// `limits`; it then waits at its gate. On failure nothing is left running.
+pub fn start_gated(
+    launch: Launch,
+    stdio: [std::process::Stdio; 3],
+    cgroup: Option<&Cgroup>,
+    limits: &ProcessLimits,
+) -> Result<Gated, String> {
+    let (gate_reader, gate) =
+        pipe().map_err(|e| format!("cannot make the workload's gate: {e}"))?;
+    let mut command = launch
+        .command(&gate_reader, Path::new(SELF_EXE))
+        .map_err(|e| format!("{e:#}"))?;
+    let [stdin, stdout, stderr] = stdio;
+    command
+        .env_clear()
+        .current_dir("/")
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr);
+    for name in PASSED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    let mut child = on_spawner_thread(move || command.spawn())
+        .map_err(|e| format!("cannot start the workload process: {e}"))?;
+    drop(gate_reader);
+    let pid = child.id();
+    let placed = match cgroup {
+        Some(cgroup) => cgroup.place(pid).map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
+    if let Err(message) = placed.and_then(|()| limits.apply(pid)) {
+        // Closing the gate unreleased makes the workload exit without running; kill it
+        // anyway so nothing is left running.
+        let _ = child.kill();
+        return Err(message);
+    }
+    Ok(Gated { pid, gate })
+}
+
 /// Runs a workload process to its end; returns its exit code.
 pub fn main(plan_path: &Path) -> i32 {
     crate::init_stderr_logging();
@@ -95,10 +293,11 @@ pub fn main(plan_path: &Path) -> i32 {
 }
 
 fn run(plan_path: &Path) -> Result<i32> {
+    // SAFETY: getppid has no preconditions. The shim checked it was our parent before exec.
+    let shim = unsafe { libc::getppid() };
     wait_at_gate()?;
     let plan = Plan::read(plan_path)?;
-    let wasm = std::fs::read(&plan.module)
-        .with_context(|| format!("cannot read the module {}", plan.module.display()))?;
+    let wasm = read_module(&plan.entrypoint)?;
     let cache = match ModuleCache::open(&plan.cache_dir) {
         Ok(cache) => Some(cache),
         Err(error) => {
@@ -113,232 +312,87 @@ fn run(plan_path: &Path) -> Result<i32> {
     });
     let loaded = runtime
         .load(&plan.policy, &wasm)
-        .with_context(|| format!("{}", plan.module.display()))?;
+        .with_context(|| plan.entrypoint.clone())?;
     drop(wasm);
+    // The cache's key must not outlive loading: the guest may not forge entries.
+    drop(runtime);
+    crate::lockdown::scrub_stack();
 
-    lock_down(&plan)?;
+    let preopens = inherited_descriptors(&plan)?;
+    let termination_log = match plan.termination_log {
+        true => Some(inherited(
+            FIRST_PREOPEN_FD + plan.preopens.len() as RawFd,
+            "the termination-message file",
+        )?),
+        false => None,
+    };
+    crate::lockdown::lock_down(&plan, &preopens, termination_log.as_ref(), shim)?;
     if let Some(paths) = std::env::var_os(LOCKDOWN_PROBE_ENV) {
-        probe(&paths);
+        crate::lockdown::probe(&paths);
     }
 
     let workload = Workload {
         args: plan.args.clone(),
         env: plan.env.clone(),
-        preopens: plan.preopens.clone(),
+        preopens: preopens
+            .iter()
+            .zip(&plan.preopens)
+            .map(|(dir, planned)| Preopen {
+                // The very directory the shim opened (a magic link to it, not a path).
+                host: PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())),
+                guest: planned.guest.clone(),
+                access: planned.access,
+            })
+            .collect(),
         inherit_stdio: true,
     };
     let report = Report {
-        termination_log: plan.termination_log.clone(),
+        // The very file kubelet made: its path on the host may not be ours to walk.
+        termination_log: termination_log
+            .as_ref()
+            .map(|log| PathBuf::from(format!("/proc/self/fd/{}", log.as_raw_fd()))),
     };
     let outcome = loaded.run(&workload, &report)?;
     Ok(outcome.exit_code())
 }
 
-/// A close-on-exec pipe whose read end becomes a workload's gate (see
-/// [`attach_gate`]) and whose write end releases it.
-pub fn gate_pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two descriptors, which we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors are fresh and owned by nothing else.
-    unsafe {
-        Ok((
-            std::fs::File::from_raw_fd(fds[0]),
-            std::fs::File::from_raw_fd(fds[1]),
-        ))
-    }
+fn read_module(entrypoint: &str) -> Result<Vec<u8>> {
+    // SAFETY: the shim placed the module on this descriptor for us alone.
+    let mut module = unsafe { File::from_raw_fd(MODULE_FD) };
+    let mut wasm = Vec::new();
+    module
+        .read_to_end(&mut wasm)
+        .with_context(|| format!("cannot read the module {entrypoint}"))?;
+    Ok(wasm)
 }
 
-/// Makes `reader` the gate of the workload process `command` starts, as
-/// [`WORKLOAD_GATE_FD`]. Keep `reader` open until the process is spawned.
-pub fn attach_gate(command: &mut std::process::Command, reader: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let reader = reader.as_raw_fd();
-    // SAFETY: only dup2(2) and fcntl(2), both async-signal-safe, between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec set: clear it instead.
-            let result = if reader == WORKLOAD_GATE_FD {
-                libc::fcntl(reader, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(reader, WORKLOAD_GATE_FD)
-            };
-            if result == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+/// The preopened directories the shim passed, in the plan's order.
+fn inherited_descriptors(plan: &Plan) -> Result<Vec<OwnedFd>> {
+    (FIRST_PREOPEN_FD..)
+        .zip(&plan.preopens)
+        .map(|(fd, planned)| inherited(fd, &format!("the directory for {}", planned.guest)))
+        .collect()
+}
+
+/// Descriptor `fd`, which the shim passed for `what`.
+fn inherited(fd: RawFd, what: &str) -> Result<OwnedFd> {
+    // SAFETY: F_GETFD only checks that the shim passed this descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        anyhow::bail!("{what} was not passed (descriptor {fd})");
     }
+    // SAFETY: the shim placed it on this descriptor for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Blocks until the shim releases this process (see [`WORKLOAD_GATE_FD`]).
 fn wait_at_gate() -> Result<()> {
-    use std::io::Read;
-    use std::os::fd::FromRawFd;
     // SAFETY: the shim set up this descriptor for us alone; nothing else in the process
     // uses it, and the File closes it.
-    let mut gate = unsafe { std::fs::File::from_raw_fd(WORKLOAD_GATE_FD) };
+    let mut gate = unsafe { File::from_raw_fd(WORKLOAD_GATE_FD) };
     let mut byte = [0u8; 1];
     match gate.read(&mut byte) {
         Ok(1) => Ok(()),
         Ok(_) => anyhow::bail!("the shim did not place this workload in its cgroup; not running"),
         Err(error) => Err(error).context("cannot read the workload gate"),
     }
-}
-
-fn probe(paths: &std::ffi::OsStr) {
-    for path in std::env::split_paths(paths) {
-        let name = path.display().to_string();
-        let result = match name.strip_prefix('@') {
-            Some(syscall) => probe_syscall(syscall),
-            None => std::fs::File::open(&path).map(drop),
-        };
-        match result {
-            Ok(()) => eprintln!("bulwark: probe: {name}: ALLOWED"),
-            Err(error) => eprintln!("bulwark: probe: {name}: denied ({error})"),
-        }
-    }
-}
-
-fn probe_syscall(name: &str) -> std::io::Result<()> {
-    let check = |result: i64| {
-        if result < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(result)
-        }
-    };
-    // SAFETY: each call either fails or creates something that is released at once; a
-    // forked child exits immediately without touching anything.
-    unsafe {
-        match name {
-            "socket" => check(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as i64).map(|fd| {
-                libc::close(fd as i32);
-            }),
-            "fork" => check(libc::fork() as i64).map(|pid| {
-                if pid == 0 {
-                    libc::_exit(0);
-                }
-            }),
-            "unshare" => check(libc::unshare(libc::CLONE_NEWNS) as i64).map(drop),
-            "ptrace" => check(libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0)).map(drop),
-            _ => Err(std::io::Error::other(format!("unknown probe {name}"))),
-        }
-    }
-}
-
-/// From here on the process can reach only what the guest was granted.
-fn join_network_namespace(path: &Path) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let namespace = std::fs::File::open(path)
-        .with_context(|| format!("cannot open the pod's network namespace {}", path.display()))?;
-    // SAFETY: setns on a descriptor we own, for the calling (only) thread.
-    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!("cannot join the pod's network namespace {}", path.display())
-        });
-    }
-    Ok(())
-}
-
-fn lock_down(plan: &Plan) -> Result<()> {
-    // Landlock, capabilities and the user are per thread: a thread that existed before
-    // would keep what the others give up. Loading compiles on this thread only.
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map(Iterator::count)
-        .unwrap_or(0);
-    anyhow::ensure!(
-        threads == 1,
-        "{threads} threads exist before the lock-down; expected 1"
-    );
-    if let Some(path) = &plan.network_namespace {
-        join_network_namespace(path)?;
-    }
-    set_no_new_privs()?;
-    restrict_filesystem(plan)?;
-    become_user(plan)?;
-    drop_capabilities()?;
-    crate::seccomp::install(!plan.policy.network.is_empty())?;
-    Ok(())
-}
-
-fn set_no_new_privs() -> Result<()> {
-    // SAFETY: plain prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot set no_new_privs");
-    }
-    Ok(())
-}
-
-fn become_user(plan: &Plan) -> Result<()> {
-    let groups: Vec<libc::gid_t> = plan.additional_gids.clone();
-    // SAFETY: setgroups/setgid/setuid with valid arguments; order matters (groups and
-    // gid first, while we may still change them).
-    unsafe {
-        if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot set groups");
-        }
-        if libc::setgid(plan.gid) != 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot set gid");
-        }
-        if libc::setuid(plan.uid) != 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot set uid");
-        }
-    }
-    Ok(())
-}
-
-fn drop_capabilities() -> Result<()> {
-    caps::clear(None, caps::CapSet::Bounding).context("cannot drop the bounding set")?;
-    caps::clear(None, caps::CapSet::Ambient).context("cannot clear ambient capabilities")?;
-    caps::clear(None, caps::CapSet::Inheritable)
-        .context("cannot clear inheritable capabilities")?;
-    caps::clear(None, caps::CapSet::Effective).context("cannot clear effective capabilities")?;
-    caps::clear(None, caps::CapSet::Permitted).context("cannot clear permitted capabilities")?;
-    Ok(())
-}
-
-/// Landlock: the process may open only the preopened directories (read-only ones for
-/// reading) and write its termination-message file; the module is already loaded.
-fn restrict_filesystem(plan: &Plan) -> Result<()> {
-    use landlock::{
-        ABI, Access as _, AccessFs, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-        RulesetStatus,
-    };
-    let abi = ABI::V3;
-    let mut ruleset = Ruleset::default()
-        .handle_access(AccessFs::from_all(abi))
-        .context("cannot set up Landlock")?
-        .create()
-        .context("cannot create the Landlock ruleset")?;
-    for preopen in &plan.preopens {
-        let access = match preopen.access {
-            Access::ReadOnly => AccessFs::from_read(abi),
-            Access::ReadWrite => AccessFs::from_all(abi),
-        };
-        let fd = PathFd::new(&preopen.host)
-            .with_context(|| format!("cannot open {}", preopen.host.display()))?;
-        ruleset = ruleset
-            .add_rule(PathBeneath::new(fd, access))
-            .context("cannot add a Landlock rule")?;
-    }
-    if let Some(log) = &plan.termination_log
-        && let Ok(fd) = PathFd::new(log)
-    {
-        ruleset = ruleset
-            .add_rule(PathBeneath::new(
-                fd,
-                AccessFs::WriteFile | AccessFs::Truncate,
-            ))
-            .context("cannot add a Landlock rule")?;
-    }
-    let status = ruleset.restrict_self().context("cannot apply Landlock")?;
-    if status.ruleset == RulesetStatus::NotEnforced {
-        log::warn!("Landlock is not available on this kernel: file access is not restricted");
-    }
-    Ok(())
 }

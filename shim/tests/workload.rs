@@ -1,14 +1,17 @@
-//! The workload process on its own (no containerd): what it can still reach after it
-//! locked itself down, and that it runs a plan the way the shim writes it.
+//! The workload process on its own (no containerd), started the way the shim starts it
+//! ([`Launch`]): what it can still reach after it locked itself down, who it runs as, that
+//! it fails closed where the kernel lacks Landlock, and that the module cache's key is gone
+//! from its memory before the guest runs.
 
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use bulwark_runtime::NodeConfig;
 use bulwark_runtime::policy::{Access, Knob, Policy, Request};
-use bulwark_runtime::run::Preopen;
-use bulwark_shim::workload::{self, LOCKDOWN_PROBE_ENV, Plan, WORKLOAD_ARG};
+use bulwark_shim::spec::{Namespace, NamespaceKind, User};
+use bulwark_shim::workload::{self, LOCKDOWN_PROBE_ENV, Launch, Plan, PlannedPreopen};
 
 fn guest(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../build/guests/{name}.wasm"));
@@ -20,128 +23,438 @@ fn guest(name: &str) -> PathBuf {
     path
 }
 
-fn plan(
-    temp: &Path,
+/// A workload as a test sets it up: a plan in a temporary directory, the directories it
+/// preopens, and how to start it.
+struct Setup {
+    temp: tempfile::TempDir,
     module: PathBuf,
-    args: &[&str],
-    preopens: Vec<Preopen>,
-    flags: &[(Knob, &str)],
-) -> PathBuf {
-    let mut request = Request::annotations();
-    for (knob, value) in flags {
-        request.set(*knob, value).unwrap();
-    }
-    let plan = Plan {
-        module,
-        args: args.iter().map(|a| a.to_string()).collect(),
-        env: vec![],
-        preopens,
-        policy: Policy::resolve(&NodeConfig::default(), &request).unwrap(),
-        cache_dir: temp.join("cache"),
-        termination_log: Some(temp.join("termination-log")),
-        uid: 0,
-        gid: 0,
-        additional_gids: vec![],
-        network_namespace: None,
-    };
-    let path = temp.join("plan.json");
-    plan.write(&path).unwrap();
-    fs::write(temp.join("termination-log"), "").unwrap();
-    path
+    args: Vec<String>,
+    preopens: Vec<(PathBuf, PlannedPreopen)>,
+    flags: Vec<(Knob, String)>,
+    config: NodeConfig,
+    user: User,
+    namespaces: Vec<Namespace>,
+    probe: String,
 }
 
-/// Runs the workload process on `plan` as the shim does, released at its gate unless
-/// `release` is false.
-fn workload_gated(plan: &Path, probe: &str, release: bool) -> std::process::Output {
-    use std::io::Write;
-    let (reader, mut writer) = workload::gate_pipe().unwrap();
-    if release {
-        writer.write_all(b"1").unwrap();
+impl Setup {
+    fn new(guest_name: &str, args: &[&str]) -> Setup {
+        Setup {
+            temp: tempfile::tempdir().unwrap(),
+            module: guest(guest_name),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            preopens: Vec::new(),
+            flags: Vec::new(),
+            config: NodeConfig::default(),
+            user: User::default(),
+            namespaces: Vec::new(),
+            probe: String::new(),
+        }
     }
-    drop(writer);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_containerd-shim-bulwark-v1"));
-    command
-        .arg(WORKLOAD_ARG)
-        .arg(plan)
-        .env_clear()
-        .env(LOCKDOWN_PROBE_ENV, probe);
-    workload::attach_gate(&mut command, &reader);
-    command.output().unwrap()
+
+    fn path(&self) -> &Path {
+        self.temp.path()
+    }
+
+    fn flag(mut self, knob: Knob, value: &str) -> Setup {
+        self.flags.push((knob, value.to_owned()));
+        self
+    }
+
+    fn preopen(mut self, host: PathBuf, guest: &str, access: Access) -> Setup {
+        let planned = PlannedPreopen {
+            guest: guest.into(),
+            access,
+        };
+        self.preopens.push((host, planned));
+        self
+    }
+
+    fn probe(mut self, probes: &[String]) -> Setup {
+        self.probe = probes.join(":");
+        self
+    }
+
+    fn plan(&self) -> PathBuf {
+        let mut request = Request::annotations();
+        for (knob, value) in &self.flags {
+            request.set(*knob, value).unwrap();
+        }
+        let plan = Plan {
+            entrypoint: "/app.wasm".into(),
+            args: self.args.clone(),
+            env: vec![],
+            preopens: self.preopens.iter().map(|(_, p)| p.clone()).collect(),
+            policy: Policy::resolve(&self.config, &request).unwrap(),
+            cache_dir: self.path().join("cache"),
+            termination_log: true,
+            user: self.user.clone(),
+        };
+        let path = self.path().join("plan.json");
+        plan.write(&path).unwrap();
+        path
+    }
+
+    /// The termination-message file, made (empty) as kubelet makes it.
+    fn termination_log(&self) -> File {
+        let path = self.path().join("termination-log");
+        fs::write(&path, "").unwrap();
+        File::options().write(true).open(path).unwrap()
+    }
+
+    /// The launch's command, with `extra` run in the child after the launch's own set-up.
+    fn command(&self, release: bool) -> (Command, File) {
+        let launch = Launch {
+            plan: self.plan(),
+            module: File::open(&self.module).unwrap(),
+            preopens: self
+                .preopens
+                .iter()
+                .map(|(host, _)| File::open(host).unwrap())
+                .collect(),
+            termination_log: Some(self.termination_log()),
+            namespaces: self.namespaces.clone(),
+        };
+        let (reader, writer) = workload::pipe().unwrap();
+        if release {
+            use std::io::Write;
+            (&writer).write_all(b"1").unwrap();
+        }
+        let mut command = launch
+            .command(
+                &reader,
+                Path::new(env!("CARGO_BIN_EXE_containerd-shim-bulwark-v1")),
+            )
+            .unwrap();
+        command
+            .env_clear()
+            .env(LOCKDOWN_PROBE_ENV, &self.probe)
+            .env("BULWARK_CACHE_DIR", self.path().join("cache"))
+            .stdin(Stdio::null());
+        (command, writer)
+    }
+
+    fn run(&self) -> Run {
+        let (mut command, writer) = self.command(true);
+        drop(writer);
+        Run::of(command.output().unwrap())
+    }
+
+    fn run_unreleased(&self) -> Run {
+        let (mut command, writer) = self.command(false);
+        drop(writer);
+        Run::of(command.output().unwrap())
+    }
+
+    fn spawn(&self) -> Child {
+        let (mut command, writer) = self.command(true);
+        let child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(writer);
+        child
+    }
 }
 
-fn workload(plan: &Path, probe: &str) -> std::process::Output {
-    workload_gated(plan, probe, true)
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn of(output: std::process::Output) -> Run {
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    fn assert_denied(&self, probe: &str) {
+        assert!(
+            self.stderr.contains(&format!("probe: {probe}: denied")),
+            "{probe} was not denied: {}",
+            self.stderr
+        );
+    }
+
+    fn assert_allowed(&self, probe: &str) {
+        assert!(
+            self.stderr.contains(&format!("probe: {probe}: ALLOWED")),
+            "{probe} was not allowed: {}",
+            self.stderr
+        );
+    }
+}
+
+/// Waits until the workload's `/proc/PID/status` shows the lock-down done (Seccomp: 2).
+fn locked_down_status(child: &mut Child) -> String {
+    let pid = child.id();
+    for _ in 0..3000 {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"]))
+        {
+            return status;
+        }
+        if let Ok(Some(exit)) = child.try_wait() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            panic!("pid {pid} exited ({exit}) before it locked itself down: {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("pid {pid} did not lock itself down within 30 s");
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> Vec<&'a str> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}:")))
+        .map(|rest| rest.split_whitespace().collect())
+        .unwrap_or_default()
 }
 
 #[test]
 fn an_unreleased_workload_runs_nothing() {
-    let temp = tempfile::tempdir().unwrap();
-    let plan = plan(temp.path(), guest("hello"), &["hello"], vec![], &[]);
-    let output = workload_gated(&plan, "", false);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(output.stdout.is_empty(), "the guest ran");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("did not place this workload"), "{stderr}");
+    let run = Setup::new("hello", &["hello"]).run_unreleased();
+    assert_eq!(run.code, Some(1));
+    assert!(run.stdout.is_empty(), "the guest ran");
+    assert!(
+        run.stderr.contains("did not place this workload"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
 fn after_lock_down_only_granted_paths_open_from_the_host_side() {
-    let temp = tempfile::tempdir().unwrap();
-    let granted = temp.path().join("granted");
+    let setup = Setup::new("hello", &["hello"]);
+    let granted = setup.path().join("granted");
     fs::create_dir(&granted).unwrap();
     fs::write(granted.join("file"), "ok").unwrap();
-    let module = guest("hello");
-    let plan = plan(
-        temp.path(),
-        module.clone(),
-        &["hello"],
-        vec![Preopen {
-            host: granted.clone(),
-            guest: "/data".into(),
-            access: Access::ReadOnly,
-        }],
-        &[],
-    );
-    let probes = [
-        PathBuf::from("/etc/passwd"),
-        PathBuf::from("/proc/self/environ"),
-        module.clone(),
-        temp.path().join("plan.json"),
-        PathBuf::from("@socket"),
-        PathBuf::from("@fork"),
-        PathBuf::from("@unshare"),
-        PathBuf::from("@ptrace"),
-        granted.join("file"),
+    let cache = setup.path().join("cache");
+    // SAFETY: getppid has no preconditions; the workload's parent is this test.
+    let parent = std::process::id();
+    let denied = [
+        "/etc/passwd".to_string(),
+        "/proc/self/environ".into(),
+        setup.module.display().to_string(),
+        setup.path().join("plan.json").display().to_string(),
+        cache.join("key").display().to_string(),
+        format!(">{}", cache.join("key").display()),
+        format!(">{}", cache.join("forged.module").display()),
+        format!(">{}", granted.join("new").display()),
+        "@socket".into(),
+        "@socket-unix".into(),
+        "@socket-netlink".into(),
+        "@fork".into(),
+        "@unshare".into(),
+        "@ptrace".into(),
+        format!("@kill-{parent}"),
+        "@kill-1".into(),
     ];
-    let joined = std::env::join_paths(&probes).unwrap();
-    let output = workload(&plan, joined.to_str().unwrap());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout),
-        "hello from bulwark\n"
-    );
-    for denied in &probes[..8] {
-        assert!(
-            stderr.contains(&format!("probe: {}: denied", denied.display())),
-            "{} was reachable: {stderr}",
-            denied.display()
+    let allowed = [granted.join("file").display().to_string()];
+    let probes: Vec<String> = denied.iter().chain(&allowed).cloned().collect();
+    let run = setup
+        .preopen(granted.clone(), "/data", Access::ReadOnly)
+        .probe(&probes)
+        .run();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "hello from bulwark\n");
+    for probe in &denied {
+        run.assert_denied(probe);
+    }
+    run.assert_allowed(&allowed[0]);
+    assert!(!granted.join("new").exists());
+}
+
+#[test]
+fn a_network_grant_opens_tcp_sockets_and_nothing_else() {
+    let mut setup = Setup::new("hello", &["hello"]);
+    setup.config.capabilities.allow_network = true;
+    let run = setup
+        .flag(Knob::Network, "tcp:127.0.0.1:9")
+        .probe(&[
+            "@socket".into(),
+            "@socket-unix".into(),
+            "@socket-netlink".into(),
+        ])
+        .run();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    run.assert_allowed("@socket");
+    run.assert_denied("@socket-unix");
+    run.assert_denied("@socket-netlink");
+}
+
+#[test]
+fn a_non_root_workload_runs_as_its_user_with_no_capability_at_all() {
+    let mut setup = Setup::new("sleep", &["sleep", "3000"]);
+    setup.user = User {
+        uid: 65532,
+        gid: 65533,
+        additional_gids: vec![3000, 4000],
+    };
+    let mut child = setup.spawn();
+    let status = locked_down_status(&mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(&status, set),
+            ["0000000000000000"],
+            "{set}: {status}"
         );
     }
+    assert_eq!(status_field(&status, "NoNewPrivs"), ["1"]);
+    assert_eq!(status_field(&status, "Uid"), ["65532"; 4]);
+    assert_eq!(status_field(&status, "Gid"), ["65533"; 4]);
+    assert_eq!(status_field(&status, "Groups"), ["3000", "4000"]);
+}
+
+#[test]
+fn a_root_workload_keeps_no_capability_either() {
+    let setup = Setup::new("sleep", &["sleep", "3000"]);
+    let mut child = setup.spawn();
+    let status = locked_down_status(&mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(&status, set),
+            ["0000000000000000"],
+            "{set}: {status}"
+        );
+    }
+    assert_eq!(status_field(&status, "Uid"), ["0"; 4]);
+}
+
+#[test]
+fn the_cache_key_is_gone_from_memory_before_the_guest_runs() {
+    let setup = Setup::new("sleep", &["sleep", "3000"]);
+    // The first run makes the key and compiles; the second reads both from the cache.
+    let mut first = setup.spawn();
+    locked_down_status(&mut first);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut child = setup.spawn();
+    locked_down_status(&mut child);
+    let key = fs::read(setup.path().join("cache/key")).unwrap();
+    assert_eq!(key.len(), 32);
+    let found = memory_contains(child.id(), &key);
+    child.kill().unwrap();
+    child.wait().unwrap();
     assert!(
-        stderr.contains(&format!(
-            "probe: {}: ALLOWED",
-            granted.join("file").display()
-        )),
-        "{stderr}"
+        !found,
+        "the cache key is in the locked-down workload's memory"
     );
+}
+
+/// Whether `needle` is anywhere in the readable memory of process `pid`.
+fn memory_contains(pid: u32, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut memory = File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut searched = 0;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        if end - start > 1 << 30 {
+            continue; // reservations (guard regions) hold nothing
+        }
+        let mut bytes = vec![0u8; (end - start) as usize];
+        if memory.seek(SeekFrom::Start(start)).is_err() || memory.read_exact(&mut bytes).is_err() {
+            continue;
+        }
+        searched += bytes.len();
+        if bytes.windows(needle.len()).any(|window| window == needle) {
+            return true;
+        }
+    }
+    assert!(
+        searched > 1 << 20,
+        "read only {searched} bytes of pid {pid}"
+    );
+    false
+}
+
+#[test]
+fn a_kernel_without_landlock_refuses_the_workload_unless_the_node_allows_it() {
+    // The kernel here has Landlock: a seccomp filter that answers its calls with ENOSYS
+    // makes it look like one that does not, for the workload alone.
+    let without_landlock = |setup: &Setup| {
+        let (mut command, writer) = setup.command(true);
+        let filter = landlock_unavailable_filter();
+        // SAFETY: only prctl/seccomp in the child, on a filter built before the fork.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                seccompiler::apply_filter(&filter)
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EPERM))
+            });
+        }
+        drop(writer);
+        Run::of(command.output().unwrap())
+    };
+    let setup = Setup::new("hello", &["hello"]);
+    let run = without_landlock(&setup);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stdout.is_empty(), "the guest ran: {}", run.stdout);
+    assert!(
+        run.stderr.contains("does not enforce Landlock")
+            && run.stderr.contains("allow_without_landlock"),
+        "{}",
+        run.stderr
+    );
+    let mut allowing = Setup::new("hello", &["hello"]);
+    allowing.config.capabilities.allow_without_landlock = true;
+    let run = without_landlock(&allowing);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(run.stdout, "hello from bulwark\n");
+    assert!(
+        run.stderr.contains("does not enforce Landlock"),
+        "{}",
+        run.stderr
+    );
+}
+
+fn landlock_unavailable_filter() -> seccompiler::BpfProgram {
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    let rules = [
+        libc::SYS_landlock_create_ruleset,
+        libc::SYS_landlock_add_rule,
+        libc::SYS_landlock_restrict_self,
+    ]
+    .into_iter()
+    .map(|syscall| (syscall, Vec::new()))
+    .collect();
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .unwrap()
+    .try_into()
+    .unwrap()
 }
 
 #[test]
 fn the_plan_is_readable_by_root_only() {
     use std::os::unix::fs::PermissionsExt;
-    let temp = tempfile::tempdir().unwrap();
-    let path = plan(temp.path(), guest("hello"), &["hello"], vec![], &[]);
+    let setup = Setup::new("hello", &["hello"]);
+    let path = setup.plan();
     assert_eq!(
         fs::metadata(path).unwrap().permissions().mode() & 0o777,
         0o600
@@ -150,82 +463,86 @@ fn the_plan_is_readable_by_root_only() {
 
 #[test]
 fn a_limit_writes_the_termination_log() {
-    let temp = tempfile::tempdir().unwrap();
-    let plan = plan(
-        temp.path(),
-        guest("loop"),
-        &["loop"],
-        vec![],
-        &[(Knob::Fuel, "1000000")],
-    );
-    let output = workload(&plan, "");
+    let setup = Setup::new("loop", &["loop"]).flag(Knob::Fuel, "1000000");
+    let run = setup.run();
+    assert_eq!(run.code, Some(152), "{}", run.stderr);
     assert_eq!(
-        output.status.code(),
-        Some(152),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        fs::read_to_string(temp.path().join("termination-log")).unwrap(),
+        fs::read_to_string(setup.path().join("termination-log")).unwrap(),
         "fuel exhausted after 1000000 units (bulwark.dev/fuel)\n"
     );
 }
 
 #[test]
-fn a_missing_plan_or_module_is_a_clear_error() {
-    let temp = tempfile::tempdir().unwrap();
-    let output = workload(&temp.path().join("absent.json"), "");
-    assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("absent.json"));
-    let plan = plan(
-        temp.path(),
-        temp.path().join("gone.wasm"),
-        &["x"],
-        vec![],
-        &[],
-    );
-    let output = workload(&plan, "");
-    assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("gone.wasm"));
+fn a_missing_plan_is_a_clear_error() {
+    let setup = Setup::new("hello", &["hello"]);
+    let (mut command, writer) = setup.command(true);
+    fs::remove_file(setup.path().join("plan.json")).unwrap();
+    drop(writer);
+    let run = Run::of(command.output().unwrap());
+    assert_eq!(run.code, Some(1));
+    assert!(run.stderr.contains("plan.json"), "{}", run.stderr);
 }
 
 #[test]
-fn the_workload_joins_the_pods_network_namespace() {
-    let temp = tempfile::tempdir().unwrap();
-    let path = plan(temp.path(), guest("hello"), &["hello"], vec![], &[]);
-    let mut plan: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-    // A process in a network namespace of its own stands in for the pod's sandbox.
+fn the_workload_joins_the_pods_namespaces() {
+    // A process in namespaces of its own stands in for the pod's sandbox.
     let mut holder = Command::new("unshare")
-        .args(["--net", "sleep", "30"])
+        .args(["--net", "--ipc", "--uts", "sleep", "30"])
         .spawn()
         .unwrap();
-    let namespace = format!("/proc/{}/ns/net", holder.id());
-    // unshare execs sleep only once the namespace exists.
+    let namespace = |kind: &str| PathBuf::from(format!("/proc/{}/ns/{kind}", holder.id()));
+    // unshare execs sleep only once the namespaces exist.
     for _ in 0..100 {
-        if fs::read_link(&namespace).ok() != fs::read_link("/proc/self/ns/net").ok() {
+        if fs::read_link(namespace("net")).ok() != fs::read_link("/proc/self/ns/net").ok() {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(10));
     }
-    plan["network_namespace"] = serde_json::Value::String(namespace.clone());
-    fs::write(&path, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let output = workload(&path, "");
+    let mut setup = Setup::new("sleep", &["sleep", "3000"]);
+    setup.namespaces = [
+        (NamespaceKind::Network, "net"),
+        (NamespaceKind::Ipc, "ipc"),
+        (NamespaceKind::Uts, "uts"),
+    ]
+    .into_iter()
+    .map(|(kind, name)| Namespace {
+        kind,
+        path: Some(namespace(name)),
+    })
+    .collect();
+    let mut child = setup.spawn();
+    locked_down_status(&mut child);
+    for kind in ["net", "ipc", "uts"] {
+        let of_workload = fs::read_link(format!("/proc/{}/ns/{kind}", child.id())).unwrap();
+        assert_eq!(
+            of_workload,
+            fs::read_link(namespace(kind)).unwrap(),
+            "{kind}"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
     holder.kill().unwrap();
     holder.wait().unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 
-    plan["network_namespace"] = serde_json::Value::String("/proc/999999999/ns/net".into());
-    fs::write(&path, serde_json::to_vec(&plan).unwrap()).unwrap();
-    let output = workload(&path, "");
-    assert_eq!(output.status.code(), Some(1));
+    // A namespace that is gone: the launch fails before anything starts, naming it.
+    setup.namespaces = vec![Namespace {
+        kind: NamespaceKind::Network,
+        path: Some("/proc/999999999/ns/net".into()),
+    }];
+    let launch = Launch {
+        plan: setup.plan(),
+        module: File::open(&setup.module).unwrap(),
+        preopens: vec![],
+        termination_log: None,
+        namespaces: setup.namespaces.clone(),
+    };
+    let (reader, _writer) = workload::pipe().unwrap();
+    let error = launch
+        .command(&reader, Path::new("/bin/true"))
+        .expect_err("a missing namespace is refused");
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("cannot open the pod's network namespace"),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        format!("{error:#}").contains("cannot open the pod's net namespace /proc/999999999"),
+        "{error:#}"
     );
 }

@@ -23,6 +23,7 @@ pub mod harness {
     pub mod images;
     pub mod installer;
     pub mod mounts;
+    pub mod network;
     pub mod node;
     pub mod process;
     pub mod registry;

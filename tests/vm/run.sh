@@ -40,9 +40,10 @@ root=$(cd "$here/../.." && pwd -P)
 cache=$root/build/vm
 
 # Modules to insmod, in this order (plus whatever they depend on, found in modules.dep):
-# virtio PCI transport, 9p over virtio, overlayfs.
+# virtio PCI transport, 9p over virtio, overlayfs; bridges and veth pairs for pod networks.
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-    9pnet 9pnet_virtio netfs fscache 9p overlay)
+    9pnet 9pnet_virtio netfs fscache 9p overlay
+    llc stp bridge veth)
 # Loaded before systemd only: it mounts its automount points with autofs.
 SYSTEMD_MODULES=(autofs4)
 # Bumped when the initramfs layout changes in this script (the init file is hashed).

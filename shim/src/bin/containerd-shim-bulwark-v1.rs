@@ -1,17 +1,25 @@
-//! The containerd shim binary. `workload PLAN` runs one Wasm container (the shim starts
-//! itself that way); anything else is containerd's shim protocol.
+//! The containerd shim binary. `workload PLAN` runs one Wasm container and `sandbox BUNDLE`
+//! holds a pod's namespaces (the shim starts itself both ways); anything else is
+//! containerd's shim protocol.
+
+use std::path::Path;
+
+use bulwark_shim::{sandbox, workload};
 
 fn main() {
     let mut args = std::env::args_os().skip(1);
-    if args
-        .next()
-        .is_some_and(|arg| arg == bulwark_shim::workload::WORKLOAD_ARG)
-    {
-        let Some(plan) = args.next() else {
-            eprintln!("usage: containerd-shim-bulwark-v1 workload PLAN");
+    let role = args.next();
+    let role = role.as_ref().and_then(|arg| arg.to_str());
+    if let Some(role @ (workload::WORKLOAD_ARG | sandbox::SANDBOX_ARG)) = role {
+        let Some(path) = args.next() else {
+            eprintln!("usage: containerd-shim-bulwark-v1 {role} PATH");
             std::process::exit(2);
         };
-        std::process::exit(bulwark_shim::workload::main(std::path::Path::new(&plan)));
+        let path = Path::new(&path);
+        std::process::exit(match role {
+            workload::WORKLOAD_ARG => workload::main(path),
+            _ => sandbox::main(path),
+        });
     }
     containerd_shim::run::<bulwark_shim::service::BulwarkShim>("io.containerd.bulwark.v1", None);
 }

@@ -25,6 +25,7 @@ use tempfile::TempDir;
 use super::cgroups::{self, PodCgroups};
 use super::cri::Cri;
 use super::mounts;
+use super::network::PodNetwork;
 use super::process::{self, ServerProcess};
 use super::registry::Registry;
 use crate::block_on_thread;
@@ -159,6 +160,9 @@ pub struct ContainerdOptions {
     /// Runs containerd under a supervisor (a shell loop, as runit or s6 would) that starts it
     /// again whenever it exits, and stops it when stopped itself.
     pub supervised: bool,
+    /// Gives pods that are not hostNetwork a CNI network (a bridge on a test-only subnet,
+    /// see [`PodNetwork`]).
+    pub pod_network: bool,
 }
 
 /// The supervisor of [`ContainerdOptions::supervised`]: `sh -c SUPERVISOR name BINARY ARGS...`.
@@ -181,7 +185,14 @@ impl ContainerdOptions {
             env: Vec::new(),
             config_hook: None,
             supervised: false,
+            pod_network: false,
         }
+    }
+
+    /// Gives pods that are not hostNetwork a network of their own.
+    pub fn pod_network(mut self) -> Self {
+        self.pod_network = true;
+        self
     }
 
     /// Uses another containerd binary.
@@ -237,13 +248,70 @@ pub fn fetch(version: &str) -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct Containerd {
     process: ServerProcess,
+    launch: Launch,
     dir: Option<TempDir>,
     paths: Paths,
     version: ContainerdVersion,
     cgroup_root: String,
     pod_cgroups: PodCgroups,
     sockets_before: BTreeSet<PathBuf>,
+    network: Option<PodNetwork>,
     stopped: bool,
+}
+
+/// How containerd is started (again, for [`Containerd::restart`]).
+#[derive(Debug, Clone)]
+struct Launch {
+    binary: PathBuf,
+    supervised: bool,
+    path: OsString,
+    env: Vec<(String, String)>,
+}
+
+/// In a value of [`ContainerdOptions::env`], stands for containerd's own pid (which a test
+/// cannot know before containerd starts: a shell sets it, then execs containerd).
+pub const CONTAINERD_PID: &str = "${CONTAINERD_PID}";
+
+impl Launch {
+    fn command(&self, config: &Path) -> Command {
+        let (with_pid, plain): (Vec<_>, Vec<_>) = self
+            .env
+            .iter()
+            .partition(|(_, value)| value.contains(CONTAINERD_PID));
+        let mut command = if !with_pid.is_empty() {
+            // `exec` keeps the shell's pid: $$ is containerd's.
+            let mut script = String::from("CONTAINERD_PID=$$; ");
+            for (name, value) in &with_pid {
+                assert!(
+                    !value.contains(['"', '`', '\\']),
+                    "{name}: a value with {CONTAINERD_PID} may not hold quotes or backslashes"
+                );
+                script.push_str(&format!("export {name}=\"{value}\"; "));
+            }
+            script.push_str("exec \"$@\"");
+            let mut shell = Command::new("/bin/sh");
+            shell.args(["-c", &script, "containerd"]);
+            if self.supervised {
+                shell.args(["/bin/sh", "-c", SUPERVISOR, "containerd-supervisor"]);
+            }
+            shell.arg(&self.binary);
+            shell
+        } else if self.supervised {
+            let mut supervisor = Command::new("/bin/sh");
+            supervisor
+                .args(["-c", SUPERVISOR, "containerd-supervisor"])
+                .arg(&self.binary);
+            supervisor
+        } else {
+            Command::new(&self.binary)
+        };
+        command
+            .arg("--config")
+            .arg(config)
+            .env("PATH", &self.path)
+            .envs(plain.into_iter().map(|(k, v)| (k, v)));
+        command
+    }
 }
 
 /// The files and directories of one containerd, all inside its temporary directory.
@@ -332,6 +400,18 @@ impl Containerd {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "bwk-cd".into());
         let pod_cgroups = PodCgroups::from_env(&cgroup_root)?;
+        let network = match opts.pod_network {
+            true => {
+                let network = PodNetwork::new(&cgroup_root);
+                network.install(
+                    &paths.cni_bin,
+                    &paths.cni_conf,
+                    &paths.base.join("cni/ipam"),
+                )?;
+                Some(network)
+            }
+            false => None,
+        };
 
         let mut path_var: Vec<PathBuf> = hook_path.into_iter().collect();
         path_var.extend(opts.extra_path.iter().cloned());
@@ -342,32 +422,24 @@ impl Containerd {
             &std::env::var_os("PATH")
                 .unwrap_or_else(|| OsString::from("/usr/sbin:/usr/bin:/sbin:/bin")),
         ));
-        let mut command = if opts.supervised {
-            let mut supervisor = Command::new("/bin/sh");
-            supervisor
-                .args(["-c", SUPERVISOR, "containerd-supervisor"])
-                .arg(&opts.binary);
-            supervisor
-        } else {
-            Command::new(&opts.binary)
+        let launch = Launch {
+            binary: opts.binary.clone(),
+            supervised: opts.supervised,
+            path: std::env::join_paths(path_var)?,
+            env: opts.env.clone(),
         };
-        let process = ServerProcess::spawn(
-            "containerd",
-            command
-                .arg("--config")
-                .arg(&paths.config)
-                .env("PATH", std::env::join_paths(path_var)?)
-                .envs(opts.env.iter().map(|(k, v)| (k, v))),
-            &paths.log,
-        )?;
+        let process =
+            ServerProcess::spawn("containerd", &mut launch.command(&paths.config), &paths.log)?;
         let mut containerd = Self {
             process,
+            launch,
             dir: Some(dir),
             paths,
             version,
             cgroup_root,
             pod_cgroups,
             sockets_before,
+            network,
             stopped: false,
         };
         containerd.wait_ready()?;
@@ -410,6 +482,35 @@ impl Containerd {
         }
     }
 
+    /// Stops containerd (SIGTERM, by PID) while its pods run, and starts it again on the
+    /// same configuration and state, as `systemctl restart containerd` does on a node: its
+    /// shims and their containers keep running. Returns once CRI answers again.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop_daemon()?;
+        self.start_daemon()
+    }
+
+    /// Stops containerd alone (SIGTERM, by PID), leaving its shims and containers running,
+    /// until [`Containerd::start_daemon`].
+    pub fn stop_daemon(&mut self) -> Result<()> {
+        let status = self.process.stop(STOP_GRACE)?;
+        log::info!(
+            "containerd {} stopped for a restart ({status})",
+            self.version
+        );
+        Ok(())
+    }
+
+    /// Starts containerd again after [`Containerd::stop_daemon`]; returns once CRI answers.
+    pub fn start_daemon(&mut self) -> Result<()> {
+        self.process = ServerProcess::spawn(
+            "containerd",
+            &mut self.launch.command(&self.paths.config),
+            &self.paths.log,
+        )?;
+        self.wait_ready()
+    }
+
     /// A CRI client for this containerd: logs and termination-message files go under its
     /// directory, and pods get cgroups as [`Containerd::pod_cgroups`] says.
     pub async fn cri(&self) -> Result<Cri> {
@@ -426,6 +527,11 @@ impl Containerd {
     /// systemd driver (see [`cgroups::DRIVER_ENV`]).
     pub fn pod_cgroups(&self) -> &PodCgroups {
         &self.pod_cgroups
+    }
+
+    /// The pods' CNI network, if it has one ([`ContainerdOptions::pod_network`]).
+    pub fn pod_network(&self) -> Option<&PodNetwork> {
+        self.network.as_ref()
     }
 
     /// containerd's gRPC (and CRI) socket.
@@ -583,7 +689,14 @@ impl Containerd {
             problems.push(format!("removing cgroups: {err:#}"));
         }
 
-        // 6. The directory.
+        // 6. The pods' bridge.
+        if let Some(network) = self.network.take()
+            && let Err(err) = network.remove()
+        {
+            problems.push(format!("removing the pod network: {err:#}"));
+        }
+
+        // 7. The directory.
         if let Some(dir) = self.dir.take() {
             let path = dir.path().to_path_buf();
             if let Err(err) = dir.close() {
@@ -669,6 +782,8 @@ fn config_toml(opts: &ContainerdOptions, version: ContainerdVersion, paths: &Pat
         ("stream_server_port", toml_string("0")),
     ];
     let oom = ("restrict_oom_score_adj", "true".to_string());
+    // Pod network namespaces under the state directory, so nothing outlives the test there.
+    let netns = ("netns_mounts_under_state_dir", "true".to_string());
     let (images, runtime) = if v3 {
         config.table(cri, &stream);
         let images = r#"plugins."io.containerd.cri.v1.images""#;
@@ -677,7 +792,7 @@ fn config_toml(opts: &ContainerdOptions, version: ContainerdVersion, paths: &Pat
             &format!("{images}.pinned_images"),
             &[("sandbox", toml_string(&opts.sandbox_image))],
         );
-        config.table(runtime, &[oom]);
+        config.table(runtime, &[oom, netns]);
         config.table(
             &format!("{runtime}.cni"),
             &[
@@ -695,6 +810,7 @@ fn config_toml(opts: &ContainerdOptions, version: ContainerdVersion, paths: &Pat
                 port,
                 ("sandbox_image", toml_string(&opts.sandbox_image)),
                 oom,
+                netns,
             ],
         );
         config.table(
@@ -817,6 +933,7 @@ mod tests {
             env: Vec::new(),
             config_hook: None,
             supervised: false,
+            pod_network: false,
         }
     }
 

@@ -1,10 +1,13 @@
 //! A CRI (`runtime.v1`) client that talks to containerd the way kubelet does.
 //!
 //! [`Cri`] wraps the generated gRPC clients of the `k8s-cri` crate over containerd's unix
-//! socket. Its helpers send what kubelet sends for an ordinary pod: a host-network sandbox
-//! (no CNI needed) with kubelet's labels, annotations and security context, containers with
-//! kubelet's resources, log path and termination-message mount, and the pod's sandbox config
-//! again with every CreateContainer. The API is async (use it from `#[tokio::test]`); the raw
+//! socket. Its helpers send what kubelet sends for an ordinary pod: a sandbox on the host
+//! network (no CNI needed) or, with [`PodSpec::pod_network`], in a network namespace of its
+//! own (the containerd needs a CNI network: see `ContainerdOptions::pod_network`), with
+//! kubelet's labels, annotations and security context; containers with kubelet's resources,
+//! security context, log path and termination-message mount, and the pod's sandbox config
+//! again with every CreateContainer. Like kubelet, it refuses to create a `runAsNonRoot`
+//! container whose user would be root. The API is async (use it from `#[tokio::test]`); the raw
 //! clients are there for anything the helpers do not cover.
 
 use std::collections::{BTreeMap, HashMap};
@@ -80,6 +83,10 @@ pub struct PodSpec {
     /// The pod's log directory. `None`: `<kubelet dir>/logs/<namespace>_<name>_<uid>`, as
     /// kubelet's `/var/log/pods/...`.
     pub log_directory: Option<PathBuf>,
+    /// `hostNetwork`: the node's network (and UTS) namespace rather than the pod's own.
+    pub host_network: bool,
+    /// Namespaced sysctls (`securityContext.sysctls`), set in the pod's namespaces.
+    pub sysctls: BTreeMap<String, String>,
 }
 
 impl PodSpec {
@@ -94,7 +101,21 @@ impl PodSpec {
             runtime_handler: String::new(),
             cgroup_parent: None,
             log_directory: None,
+            host_network: true,
+            sysctls: BTreeMap::new(),
         }
+    }
+
+    /// The pod gets a network namespace, an IP and a hostname of its own (not hostNetwork).
+    pub fn pod_network(mut self) -> Self {
+        self.host_network = false;
+        self
+    }
+
+    /// Adds the namespaced sysctl `name=value`.
+    pub fn sysctl(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.sysctls.insert(name.into(), value.into());
+        self
     }
 
     /// Adds the annotation `key: value`.
@@ -119,6 +140,47 @@ pub struct MountSpec {
     pub host_path: PathBuf,
     /// Whether it is read-only.
     pub readonly: bool,
+}
+
+/// A container's `securityContext` (with what the pod's adds), as kubelet passes it on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecurityContext {
+    /// `runAsUser`.
+    pub run_as_user: Option<i64>,
+    /// `runAsGroup`.
+    pub run_as_group: Option<i64>,
+    /// `supplementalGroups` (the pod's).
+    pub supplemental_groups: Vec<i64>,
+    /// `runAsNonRoot`: kubelet checks it against the user the container would run as.
+    pub run_as_non_root: bool,
+    /// `allowPrivilegeEscalation: false` (no_new_privs).
+    pub no_new_privileges: bool,
+    /// `capabilities.drop`.
+    pub drop_capabilities: Vec<String>,
+    /// `capabilities.add`.
+    pub add_capabilities: Vec<String>,
+    /// `readOnlyRootFilesystem`.
+    pub read_only_root_filesystem: bool,
+    /// `seccompProfile.type: RuntimeDefault` (else Unconfined).
+    pub seccomp_runtime_default: bool,
+}
+
+impl SecurityContext {
+    /// What the Pod Security Standard "restricted" asks of a container: non-root (as `uid`,
+    /// or the image's user when `None`), no privilege escalation, every capability dropped,
+    /// the RuntimeDefault seccomp profile; and a read-only root filesystem besides.
+    pub fn restricted(uid: Option<i64>) -> Self {
+        SecurityContext {
+            run_as_user: uid,
+            run_as_group: uid,
+            run_as_non_root: true,
+            no_new_privileges: true,
+            drop_capabilities: vec!["ALL".into()],
+            read_only_root_filesystem: true,
+            seccomp_runtime_default: true,
+            ..SecurityContext::default()
+        }
+    }
 }
 
 /// A container as a test describes it; [`Cri::container_config`] turns it into what kubelet
@@ -150,6 +212,8 @@ pub struct ContainerSpec {
     /// `terminationMessagePath`: kubelet mounts a fresh host file there. Defaults to
     /// [`DEFAULT_TERMINATION_MESSAGE_PATH`] as the API server does; `None` for no mount.
     pub termination_message_path: Option<String>,
+    /// `securityContext`.
+    pub security: SecurityContext,
 }
 
 impl ContainerSpec {
@@ -168,7 +232,14 @@ impl ContainerSpec {
             memory_limit_in_bytes: None,
             cpu_limit_millis: None,
             termination_message_path: Some(DEFAULT_TERMINATION_MESSAGE_PATH.into()),
+            security: SecurityContext::default(),
         }
+    }
+
+    /// Sets the security context.
+    pub fn security(mut self, security: SecurityContext) -> Self {
+        self.security = security;
+        self
     }
 
     /// Sets `command`.
@@ -300,6 +371,7 @@ pub fn parse_log(contents: &str) -> Result<Vec<LogLine>> {
 pub struct Cri {
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
+    socket: PathBuf,
     kubelet_dir: PathBuf,
     pod_cgroups: Option<PodCgroups>,
     /// Cgroup parents the client chose, by pod ID, to remove with the pod.
@@ -342,11 +414,22 @@ impl Cri {
         Ok(Self {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
+            socket: socket.to_path_buf(),
             kubelet_dir: kubelet_dir.to_path_buf(),
             pod_cgroups,
             chosen_cgroups: Arc::default(),
             _own_dir: None,
         })
+    }
+
+    /// A new connection to the same runtime (after it restarted), as kubelet reconnects:
+    /// the same kubelet directory and the same record of the pods' cgroups.
+    pub async fn reconnect(&self) -> Result<Self> {
+        let mut cri =
+            Self::connect_with(&self.socket, &self.kubelet_dir, self.pod_cgroups.clone()).await?;
+        cri.chosen_cgroups = self.chosen_cgroups.clone();
+        cri._own_dir = self._own_dir.clone();
+        Ok(cri)
     }
 
     /// The generated RuntimeService client, for calls the helpers do not cover.
@@ -420,14 +503,19 @@ impl Cri {
                 attempt: 0,
             }),
             // kubelet sets no hostname for a host-network pod.
-            hostname: String::new(),
+            hostname: if pod.host_network {
+                String::new()
+            } else {
+                pod.name.clone()
+            },
             log_directory: self.log_directory(pod).display().to_string(),
             labels: labels.into_iter().collect(),
             annotations: annotations.into_iter().collect(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: self.cgroup_parent(pod),
+                sysctls: pod.sysctls.clone().into_iter().collect(),
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(pod_namespaces()),
+                    namespace_options: Some(pod_namespaces(pod)),
                     seccomp: Some(cri::SecurityProfile {
                         profile_type: cri::security_profile::ProfileType::RuntimeDefault.into(),
                         localhost_ref: String::new(),
@@ -580,19 +668,7 @@ impl Cri {
                 .unwrap_or_else(|| format!("{}/0.log", container.name)),
             linux: Some(cri::LinuxContainerConfig {
                 resources: Some(container_resources(container)),
-                security_context: Some(cri::LinuxContainerSecurityContext {
-                    namespace_options: Some(pod_namespaces()),
-                    seccomp: Some(cri::SecurityProfile {
-                        profile_type: cri::security_profile::ProfileType::Unconfined.into(),
-                        localhost_ref: String::new(),
-                    }),
-                    masked_paths: DEFAULT_MASKED_PATHS.iter().map(|p| p.to_string()).collect(),
-                    readonly_paths: DEFAULT_READONLY_PATHS
-                        .iter()
-                        .map(|p| p.to_string())
-                        .collect(),
-                    ..Default::default()
-                }),
+                security_context: Some(container_security(pod, &container.security)),
             }),
             ..Default::default()
         }
@@ -612,6 +688,9 @@ impl Cri {
             Some(id) => id,
             None => self.pull(&container.image).await?,
         };
+        if container.security.run_as_non_root {
+            self.verify_run_as_non_root(container).await?;
+        }
         let sandbox_config = self.sandbox_config(pod);
         let log_dir = self.log_directory(pod).join(&container.name);
         fs::create_dir_all(&log_dir)
@@ -633,6 +712,43 @@ impl Cri {
             .await
             .with_context(|| format!("CreateContainer of {} failed", container.name))?;
         Ok(response.into_inner().container_id)
+    }
+
+    /// kubelet's `verifyRunAsNonRoot`: the container must not run as root, by its
+    /// `runAsUser` or else by its image's user, which must then be numeric.
+    async fn verify_run_as_non_root(&self, container: &ContainerSpec) -> Result<()> {
+        let uid = match container.security.run_as_user {
+            Some(uid) => uid,
+            None => {
+                let request = cri::ImageStatusRequest {
+                    image: Some(image_spec(&container.image)),
+                    verbose: false,
+                };
+                let image = self
+                    .images
+                    .clone()
+                    .image_status(request)
+                    .await?
+                    .into_inner()
+                    .image
+                    .context("the image is gone")?;
+                match image.uid {
+                    Some(uid) => uid.value,
+                    None if image.username.is_empty() => 0,
+                    None => bail!(
+                        "container has runAsNonRoot and image has non-numeric user ({}), cannot verify user is non-root",
+                        image.username
+                    ),
+                }
+            }
+        };
+        if uid == 0 {
+            bail!(
+                "container has runAsNonRoot and image will run as root (container: {})",
+                container.name
+            );
+        }
+        Ok(())
     }
 
     /// `StartContainer`.
@@ -662,6 +778,29 @@ impl Cri {
             .into_inner()
             .status
             .context("ContainerStatus returned no status")
+    }
+
+    /// The pid of a container's process, from the runtime's verbose `ContainerStatus` (for
+    /// a Bulwark container: its workload process; for runc: its init).
+    pub async fn container_pid(&self, container_id: &str) -> Result<u32> {
+        let request = cri::ContainerStatusRequest {
+            container_id: container_id.to_string(),
+            verbose: true,
+        };
+        let response = self
+            .runtime
+            .clone()
+            .container_status(request)
+            .await
+            .with_context(|| format!("ContainerStatus of {container_id} failed"))?
+            .into_inner();
+        let info: serde_json::Value =
+            serde_json::from_str(response.info.get("info").context("no verbose info")?)?;
+        info["pid"]
+            .as_u64()
+            .filter(|pid| *pid != 0)
+            .map(|pid| pid as u32)
+            .with_context(|| format!("no pid in the status of {container_id}: {info}"))
     }
 
     /// Polls `ContainerStatus` until the container has exited, for at most `timeout`, and
@@ -771,6 +910,32 @@ impl Cri {
             .into_inner()
             .status
             .context("PodSandboxStatus returned no status")
+    }
+
+    /// The runtime's verbose `info` of a pod sandbox (containerd: its `pid`, `runtimeSpec`
+    /// with the namespace paths, ...).
+    pub async fn pod_info(&self, pod_id: &str) -> Result<serde_json::Value> {
+        let request = cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.to_string(),
+            verbose: true,
+        };
+        let response = self
+            .runtime
+            .clone()
+            .pod_sandbox_status(request)
+            .await
+            .with_context(|| format!("PodSandboxStatus of {pod_id} failed"))?
+            .into_inner();
+        let info = response.info.get("info").context("no verbose info")?;
+        serde_json::from_str(info).context("the verbose info is not JSON")
+    }
+
+    /// The IP of a pod that is not hostNetwork.
+    pub async fn pod_ip(&self, pod_id: &str) -> Result<std::net::IpAddr> {
+        let status = self.pod_status(pod_id).await?;
+        let ip = status.network.map(|n| n.ip).unwrap_or_default();
+        ip.parse()
+            .with_context(|| format!("pod {pod_id} has no IP ({ip:?})"))
     }
 
     /// `ListPodSandbox` without a filter.
@@ -920,13 +1085,56 @@ fn termination_message(status: &ContainerStatus) -> String {
         .unwrap_or_default()
 }
 
-/// A pod on the host network, with its own IPC namespace and a PID namespace per container,
-/// as kubelet's `NamespacesForPod` gives a `hostNetwork: true` pod.
-fn pod_namespaces() -> cri::NamespaceOption {
+/// kubelet's `NamespacesForPod`: the pod's own IPC namespace, a PID namespace per
+/// container, and the node's network namespace for a hostNetwork pod, else the pod's own.
+fn pod_namespaces(pod: &PodSpec) -> cri::NamespaceOption {
     cri::NamespaceOption {
-        network: cri::NamespaceMode::Node.into(),
+        network: if pod.host_network {
+            cri::NamespaceMode::Node
+        } else {
+            cri::NamespaceMode::Pod
+        }
+        .into(),
         pid: cri::NamespaceMode::Container.into(),
         ipc: cri::NamespaceMode::Pod.into(),
+        ..Default::default()
+    }
+}
+
+/// The `LinuxContainerSecurityContext` kubelet sends for `security` in `pod`.
+fn container_security(
+    pod: &PodSpec,
+    security: &SecurityContext,
+) -> cri::LinuxContainerSecurityContext {
+    let profile = if security.seccomp_runtime_default {
+        cri::security_profile::ProfileType::RuntimeDefault
+    } else {
+        cri::security_profile::ProfileType::Unconfined
+    };
+    let capabilities = (!security.drop_capabilities.is_empty()
+        || !security.add_capabilities.is_empty())
+    .then(|| cri::Capability {
+        add_capabilities: security.add_capabilities.clone(),
+        drop_capabilities: security.drop_capabilities.clone(),
+        ..Default::default()
+    });
+    cri::LinuxContainerSecurityContext {
+        namespace_options: Some(pod_namespaces(pod)),
+        capabilities,
+        run_as_user: security.run_as_user.map(|value| cri::Int64Value { value }),
+        run_as_group: security.run_as_group.map(|value| cri::Int64Value { value }),
+        supplemental_groups: security.supplemental_groups.clone(),
+        readonly_rootfs: security.read_only_root_filesystem,
+        no_new_privs: security.no_new_privileges,
+        seccomp: Some(cri::SecurityProfile {
+            profile_type: profile.into(),
+            localhost_ref: String::new(),
+        }),
+        masked_paths: DEFAULT_MASKED_PATHS.iter().map(|p| p.to_string()).collect(),
+        readonly_paths: DEFAULT_READONLY_PATHS
+            .iter()
+            .map(|p| p.to_string())
+            .collect(),
         ..Default::default()
     }
 }

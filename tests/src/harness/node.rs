@@ -82,6 +82,53 @@ pub fn annotated(name: &str, annotations: &[(&str, &str)]) -> PodSpec {
         })
 }
 
+/// How a [`Node`] is set up.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The containerd binary.
+    pub containerd: PathBuf,
+    /// Bulwark's node configuration (TOML).
+    pub node_config: String,
+    /// A CNI network for pods that are not hostNetwork.
+    pub pod_network: bool,
+    /// The shim binary the handler runs (default: this build's, see [`shim_binary`]).
+    pub shim: Option<PathBuf>,
+    /// Environment for containerd, which its shims and their workloads inherit (such as
+    /// the lock-down probe, `BULWARK_LOCKDOWN_PROBE`).
+    pub env: Vec<(String, String)>,
+}
+
+impl NodeOptions {
+    /// `containerd` with `node_config`, host networking only, this build's shim.
+    pub fn new(containerd: PathBuf, node_config: &str) -> NodeOptions {
+        NodeOptions {
+            containerd,
+            node_config: node_config.to_owned(),
+            pod_network: false,
+            shim: None,
+            env: Vec::new(),
+        }
+    }
+
+    /// Gives pods that are not hostNetwork a CNI network.
+    pub fn pod_network(mut self) -> NodeOptions {
+        self.pod_network = true;
+        self
+    }
+
+    /// Runs `shim` as the handler's shim.
+    pub fn shim(mut self, shim: PathBuf) -> NodeOptions {
+        self.shim = Some(shim);
+        self
+    }
+
+    /// Sets an environment variable for containerd and what it starts.
+    pub fn env(mut self, name: &str, value: &str) -> NodeOptions {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+}
+
 /// A registry and a containerd with the `bulwark` handler.
 pub struct Node {
     /// The CRI client.
@@ -98,24 +145,38 @@ pub struct Node {
 impl Node {
     /// Starts a node on `containerd_binary` with `node_config` as Bulwark's configuration.
     pub async fn start(containerd_binary: PathBuf, node_config: &str) -> Result<Node> {
+        Node::start_with(NodeOptions::new(containerd_binary, node_config)).await
+    }
+
+    /// Starts a node as `options` say.
+    pub async fn start_with(options: NodeOptions) -> Result<Node> {
         let temp = tempfile::tempdir()?;
         let config = temp.path().join("config.toml");
-        std::fs::write(&config, node_config)?;
+        std::fs::write(&config, &options.node_config)?;
         let registry = Registry::start()?;
         let images = push_test_images(&registry)?;
-        let containerd = Containerd::start(
-            ContainerdOptions::new(&registry, images.pause.clone())
-                .binary(containerd_binary)
-                .env(
-                    "BULWARK_CACHE_DIR",
-                    temp.path().join("cache").display().to_string(),
-                )
-                .handler(
-                    RuntimeHandler::new(HANDLER, shim_binary()?.display().to_string())
-                        .pod_annotation("bulwark.dev/*")
-                        .option_str("ConfigPath", &config.display().to_string()),
-                ),
-        )?;
+        let shim = match options.shim {
+            Some(shim) => shim,
+            None => shim_binary()?,
+        };
+        let mut containerd_options = ContainerdOptions::new(&registry, images.pause.clone())
+            .binary(options.containerd)
+            .env(
+                "BULWARK_CACHE_DIR",
+                temp.path().join("cache").display().to_string(),
+            )
+            .handler(
+                RuntimeHandler::new(HANDLER, shim.display().to_string())
+                    .pod_annotation("bulwark.dev/*")
+                    .option_str("ConfigPath", &config.display().to_string()),
+            );
+        for (name, value) in options.env {
+            containerd_options = containerd_options.env(name, value);
+        }
+        if options.pod_network {
+            containerd_options = containerd_options.pod_network();
+        }
+        let containerd = Containerd::start(containerd_options)?;
         let cri = containerd.cri().await?;
         Ok(Node {
             cri,
@@ -179,14 +240,35 @@ impl Node {
             "{} is missing: run `make guests`",
             module.display()
         );
-        let (format, repo) = match format {
-            Format::Layer => ("layer", format!("guest-{name}")),
-            Format::Artifact => ("artifact", format!("artifact-{name}")),
+        let repo = match format {
+            Format::Layer => format!("guest-{name}"),
+            Format::Artifact => format!("artifact-{name}"),
+        };
+        self.push_module(&module, &repo, format, None)
+    }
+
+    /// Pushes the module or component at `module` as `REGISTRY/repo:v1` with `bulwark image
+    /// push`, its image running as `user` (`UID[:GID]`, layer format only) when given;
+    /// returns its reference.
+    pub fn push_module(
+        &self,
+        module: &Path,
+        repo: &str,
+        format: Format,
+        user: Option<&str>,
+    ) -> Result<String> {
+        let format = match format {
+            Format::Layer => "layer",
+            Format::Artifact => "artifact",
         };
         let reference = format!("{}/{repo}:v1", self.registry.addr());
-        let output = std::process::Command::new(bulwark_binary()?)
-            .args(["image", "push", "--insecure", "--format", format])
-            .arg(&module)
+        let mut command = std::process::Command::new(bulwark_binary()?);
+        command.args(["image", "push", "--insecure", "--format", format]);
+        if let Some(user) = user {
+            command.args(["--user", user]);
+        }
+        let output = command
+            .arg(module)
             .arg(&reference)
             .output()
             .context("cannot run bulwark image push")?;

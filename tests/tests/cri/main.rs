@@ -11,8 +11,11 @@ use anyhow::{Context, Result};
 use bulwark_tests::harness::cgroups;
 use bulwark_tests::harness::containerd;
 use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
-use bulwark_tests::harness::node::{Finished, Format, NODE_CONFIG, Node, annotated};
+use bulwark_tests::harness::node::{Finished, Format, HANDLER, NODE_CONFIG, Node, annotated};
 use tokio::sync::Mutex;
+
+mod faults;
+mod isolation;
 
 /// One containerd at a time: they share /run/containerd/s and the machine's 2 cores.
 static ONE_CONTAINERD: Mutex<()> = Mutex::const_new(());
@@ -23,7 +26,7 @@ fn pod(name: &str) -> PodSpec {
 
 /// Which containerd the suite runs on: Debian 12's 1.6.20, or the version named by
 /// `BULWARK_TEST_CONTAINERD` (1.7.24 or 2.1.9, fetched on first use; `make test-matrix`).
-async fn suite_containerd() -> Result<PathBuf> {
+pub(crate) async fn suite_containerd() -> Result<PathBuf> {
     Ok(match std::env::var("BULWARK_TEST_CONTAINERD") {
         Ok(version) if !version.is_empty() => {
             tokio::task::spawn_blocking(move || containerd::fetch(&version)).await??
@@ -221,6 +224,25 @@ async fn bad_annotations_and_native_entrypoints_never_start() -> Result<()> {
     ]);
     let error = node.refused(pod("native"), busybox).await?;
     assert!(error.contains("native executable"), "{error}");
+
+    // The handler's ConfigPath names a file that is gone: no pod runs without its limits.
+    let config = node.temp().join("config.toml");
+    std::fs::remove_file(&config)?;
+    // Not even its sandbox runs (kubelet reports FailedCreatePodSandBox with the reason).
+    let error = node
+        .cri
+        .run_pod(&pod("no-config").runtime_handler(HANDLER))
+        .await
+        .err()
+        .context("a pod started without its node configuration")?;
+    let error = format!("{error:#}");
+    assert!(
+        error.contains(&format!(
+            "cannot read node configuration {}",
+            config.display()
+        )),
+        "{error}"
+    );
     node.finish().await
 }
 
@@ -260,11 +282,17 @@ async fn native_sidecars_run_where_the_node_allows_them() -> Result<()> {
     }
     assert_eq!(logs[0], ["slept 300 ms"]);
     assert_eq!(logs[1].first().map(String::as_str), Some("native sidecar"));
-    // The sandbox has no process: the sidecar gets IPC and UTS namespaces of its own, never
-    // the host's (which is where the shim, the sandbox's stand-in, lives).
-    for (line, namespace) in logs[1][1..].iter().zip(["ipc", "uts"]) {
+    // As in a runc pod on the host network: the pod's own IPC namespace, never the host's
+    // (where the shim lives), and the node's UTS namespace (hostNetwork shares it).
+    for (line, namespace, shared_with_host) in
+        [(&logs[1][1], "ipc", false), (&logs[1][2], "uts", true)]
+    {
         let host = std::fs::read_link(format!("/proc/self/ns/{namespace}"))?;
-        assert_ne!(line.as_str(), host.to_string_lossy(), "{namespace}");
+        assert_eq!(
+            line.as_str() == host.to_string_lossy(),
+            shared_with_host,
+            "{namespace}: {line}"
+        );
         assert!(line.starts_with(&format!("{namespace}:[")), "{line}");
     }
     node.cri.stop_pod(&pod_id).await?;
