@@ -207,12 +207,21 @@ fn probe_syscall(name: &str) -> std::io::Result<()> {
             unsafe { libc::close(fd as i32) };
         })
     };
-    if let Some(pid) = name.strip_prefix("kill-") {
-        let pid: libc::pid_t = pid
-            .parse()
-            .map_err(|_| std::io::Error::other(format!("bad pid in probe {name}")))?;
-        // SAFETY: signal 0 only checks whether the signal could be sent.
-        return check(unsafe { libc::kill(pid, 0) } as i64).map(drop);
+    let target = |prefix: &str| -> Option<std::io::Result<libc::pid_t>> {
+        let pid = name.strip_prefix(prefix)?;
+        Some(
+            pid.parse()
+                .map_err(|_| std::io::Error::other(format!("bad pid in probe {name}"))),
+        )
+    };
+    // SAFETY: signal 0 only checks whether the signal could be sent.
+    if let Some(pid) = target("kill-") {
+        return check(unsafe { libc::kill(pid?, 0) } as i64).map(drop);
+    }
+    if let Some(pid) = target("tgkill-") {
+        let pid = pid?;
+        // SAFETY: as above, to the thread group leader `pid` of process `pid`.
+        return check(unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, 0) }).map(drop);
     }
     // SAFETY: each call either fails or creates something that is released at once; a
     // forked child exits immediately without touching anything.

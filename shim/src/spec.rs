@@ -219,15 +219,7 @@ impl ContainerSpec {
         let resources = linux.and_then(|l| l.resources().as_ref());
         ContainerSpec {
             args: process.and_then(|p| p.args().clone()).unwrap_or_default(),
-            env: process
-                .and_then(|p| p.env().clone())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|entry| match entry.split_once('=') {
-                    Some((name, value)) => (name.to_owned(), value.to_owned()),
-                    None => (entry, String::new()),
-                })
-                .collect(),
+            env: process.map(env_of).unwrap_or_default(),
             annotations,
             is_sandbox,
             terminal: process.and_then(|p| p.terminal()).unwrap_or(false),
@@ -418,6 +410,20 @@ fn openat2_in_root(root: &OwnedFd, rest: &Path, flags: libc::c_int) -> std::io::
     }
     // SAFETY: fd is fresh and ours.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// `process.env` as `(name, value)` pairs, in order.
+fn env_of(process: &oci_spec::runtime::Process) -> Vec<(String, String)> {
+    process
+        .env()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|entry| match entry.split_once('=') {
+            Some((name, value)) => (name.to_owned(), value.to_owned()),
+            None => (entry, String::new()),
+        })
+        .collect()
 }
 
 fn bind_mounts(spec: &Spec) -> Vec<BindMount> {

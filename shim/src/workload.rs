@@ -42,7 +42,8 @@ pub const FIRST_PREOPEN_FD: RawFd = 5;
 /// What the workload process tries right after locking itself down, colon-separated,
 /// reporting each on stderr: paths to open for reading from the host side, `>PATH` to
 /// create or write, and `@NAME` for system calls: `socket` (an IPv4 TCP socket),
-/// `socket-unix`, `socket-netlink`, `fork`, `unshare`, `ptrace` and `kill-PID` (signal 0).
+/// `socket-unix`, `socket-netlink`, `fork`, `unshare`, `ptrace`, and `kill-PID` and
+/// `tgkill-PID` (signal 0 to process PID).
 /// It is the test of the lock-down: a stand-in for a bug in the engine that would let a
 /// guest reach past it. It only ever reports whether an attempt succeeded.
 pub const LOCKDOWN_PROBE_ENV: &str = "BULWARK_LOCKDOWN_PROBE";

@@ -256,7 +256,9 @@ fn after_lock_down_only_granted_paths_open_from_the_host_side() {
         "@unshare".into(),
         "@ptrace".into(),
         format!("@kill-{parent}"),
+        format!("@tgkill-{parent}"),
         "@kill-1".into(),
+        "@tgkill-1".into(),
     ];
     let allowed = [granted.join("file").display().to_string()];
     let probes: Vec<String> = denied.iter().chain(&allowed).cloned().collect();
@@ -291,6 +293,23 @@ fn a_network_grant_opens_tcp_sockets_and_nothing_else() {
     run.assert_denied("@socket-netlink");
 }
 
+/// The locked-down workload's `/proc/PID/status`, once it is checked to hold no capability
+/// in any set.
+fn status_without_capabilities(setup: &Setup) -> String {
+    let mut child = setup.spawn();
+    let status = locked_down_status(&mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(&status, set),
+            ["0000000000000000"],
+            "{set}: {status}"
+        );
+    }
+    status
+}
+
 #[test]
 fn a_non_root_workload_runs_as_its_user_with_no_capability_at_all() {
     let mut setup = Setup::new("sleep", &["sleep", "3000"]);
@@ -299,17 +318,7 @@ fn a_non_root_workload_runs_as_its_user_with_no_capability_at_all() {
         gid: 65533,
         additional_gids: vec![3000, 4000],
     };
-    let mut child = setup.spawn();
-    let status = locked_down_status(&mut child);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(
-            status_field(&status, set),
-            ["0000000000000000"],
-            "{set}: {status}"
-        );
-    }
+    let status = status_without_capabilities(&setup);
     assert_eq!(status_field(&status, "NoNewPrivs"), ["1"]);
     assert_eq!(status_field(&status, "Uid"), ["65532"; 4]);
     assert_eq!(status_field(&status, "Gid"), ["65533"; 4]);
@@ -318,18 +327,7 @@ fn a_non_root_workload_runs_as_its_user_with_no_capability_at_all() {
 
 #[test]
 fn a_root_workload_keeps_no_capability_either() {
-    let setup = Setup::new("sleep", &["sleep", "3000"]);
-    let mut child = setup.spawn();
-    let status = locked_down_status(&mut child);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        assert_eq!(
-            status_field(&status, set),
-            ["0000000000000000"],
-            "{set}: {status}"
-        );
-    }
+    let status = status_without_capabilities(&Setup::new("sleep", &["sleep", "3000"]));
     assert_eq!(status_field(&status, "Uid"), ["0"; 4]);
 }
 

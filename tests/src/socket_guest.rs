@@ -15,8 +15,14 @@ use anyhow::{Context, Result, bail};
 
 const WASI: &str = "0.2.12";
 
-/// The wasmtime-wasi crate's WIT directory (its `deps/` holds every WASI package).
+/// The wasmtime-wasi crate's WIT directory (its `deps/` holds every WASI package): found by
+/// the build script where it can, else asked of cargo.
 fn wasi_wit_dir() -> Result<PathBuf> {
+    if let Some(dir) = option_env!("BULWARK_WASI_WIT").map(PathBuf::from)
+        && dir.is_dir()
+    {
+        return Ok(dir);
+    }
     let output = std::process::Command::new(env!("CARGO"))
         .args(["metadata", "--format-version", "1", "--offline"])
         // Only this platform's packages: the others need not be downloaded.

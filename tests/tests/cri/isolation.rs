@@ -258,7 +258,9 @@ fn status_field<'a>(status: &'a str, name: &str) -> Vec<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restricted_and_non_root_pods_run_as_their_user_with_nothing_else() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
-    let probes = format!("@kill-{CONTAINERD_PID}:@kill-1:@socket:@socket-unix:@socket-netlink");
+    let probes = format!(
+        "@kill-{CONTAINERD_PID}:@tgkill-{CONTAINERD_PID}:@kill-1:@socket:@socket-unix:@socket-netlink"
+    );
     let node = Node::start_with(
         NodeOptions::new(suite_containerd().await?, NODE_CONFIG)
             .pod_network()
@@ -338,6 +340,7 @@ async fn restricted_and_non_root_pods_run_as_their_user_with_nothing_else() -> R
         );
         for probe in [
             format!("@kill-{containerd_pid}"),
+            format!("@tgkill-{containerd_pid}"),
             "@kill-1".into(),
             "@socket".into(),
             "@socket-unix".into(),
