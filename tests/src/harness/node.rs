@@ -31,9 +31,14 @@ allow_network = false
 /// The name of the runtime handler (and RuntimeClass).
 pub const HANDLER: &str = "bulwark";
 
-/// The shim binary of this build.
+/// Runs the suite against another shim binary (an older build, to see what it fails).
+pub const SHIM_ENV: &str = "BULWARK_TEST_SHIM";
+
+/// The shim binary of this build, or the one [`SHIM_ENV`] names.
 pub fn shim_binary() -> Result<PathBuf> {
-    let path = crate::release_dir().join("containerd-shim-bulwark-v1");
+    let path = std::env::var_os(SHIM_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::release_dir().join("containerd-shim-bulwark-v1"));
     ensure!(
         path.exists(),
         "{} is missing: run `make build`",
@@ -96,6 +101,8 @@ pub struct NodeOptions {
     /// Environment for containerd, which its shims and their workloads inherit (such as
     /// the lock-down probe, `BULWARK_LOCKDOWN_PROBE`).
     pub env: Vec<(String, String)>,
+    /// Directories put first on containerd's (and its shims') PATH.
+    pub path_first: Vec<PathBuf>,
 }
 
 impl NodeOptions {
@@ -107,7 +114,14 @@ impl NodeOptions {
             pod_network: false,
             shim: None,
             env: Vec::new(),
+            path_first: Vec::new(),
         }
+    }
+
+    /// Puts `dir` first on containerd's PATH (a wrapper around a tool the shim runs).
+    pub fn path_first(mut self, dir: PathBuf) -> NodeOptions {
+        self.path_first.push(dir);
+        self
     }
 
     /// Gives pods that are not hostNetwork a CNI network.
@@ -176,6 +190,7 @@ impl Node {
         if options.pod_network {
             containerd_options = containerd_options.pod_network();
         }
+        containerd_options.extra_path = options.path_first;
         let containerd = Containerd::start(containerd_options)?;
         let cri = containerd.cri().await?;
         Ok(Node {

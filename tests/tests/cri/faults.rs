@@ -217,3 +217,54 @@ async fn an_upgraded_shim_binary_starts_new_containers_in_running_pods() -> Resu
     remove_pod(&node, &pod_id).await?;
     node.finish().await
 }
+
+/// The shim holds the pod's lock for bookkeeping only: while one container's start is slow
+/// (runc, slowed down here by 6 s by a wrapper on the shim's PATH; D-Bus is the other), calls about
+/// the pod's other containers are answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_start_does_not_stall_the_pods_other_containers() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let wrapper = tempfile::tempdir()?;
+    let runc = wrapper.path().join("runc");
+    std::fs::write(
+        &runc,
+        "#!/bin/sh\ncase \" $* \" in *\" start \"*) sleep 6;; esac\nexec /usr/sbin/runc \"$@\"\n",
+    )?;
+    std::fs::set_permissions(&runc, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let allowing = NODE_CONFIG.replace("allow_native = false", "allow_native = true");
+    let node = Node::start_with(
+        NodeOptions::new(suite_containerd().await?, &allowing).path_first(wrapper.path().into()),
+    )
+    .await?;
+    let (pod, pod_id, wasm) = sleeping_pod(&node, "slow-start", 60_000).await?;
+    let busybox = node.images.busybox.clone();
+    node.cri.pull(&busybox).await?;
+    let sidecar = ContainerSpec::new("sidecar", busybox).command(["/bin/busybox", "sleep", "60"]);
+    let sidecar_id = node.cri.create_container(&pod_id, &pod, &sidecar).await?;
+    let starting = {
+        let cri = node.cri.clone();
+        let id = sidecar_id.clone();
+        tokio::spawn(async move { cri.start_container(&id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    ensure!(!starting.is_finished(), "the slow start was not slow");
+    // Stats of the Wasm container go to the shim (its Stats call).
+    let asked = std::time::Instant::now();
+    node.cri.container_stats(&wasm).await?;
+    let answered = asked.elapsed();
+    ensure!(
+        !starting.is_finished(),
+        "the start ended before the answer: inconclusive"
+    );
+    ensure!(
+        answered < Duration::from_secs(3),
+        "Stats waited {answered:?} for another container's start"
+    );
+    starting.await??;
+    for id in [&wasm, &sidecar_id] {
+        node.cri.stop_container(id, Duration::from_secs(1)).await?;
+        node.cri.remove_container(id).await?;
+    }
+    remove_pod(&node, &pod_id).await?;
+    node.finish().await
+}
