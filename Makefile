@@ -8,7 +8,8 @@
 #   make test-matrix  the CRI suite on containerd 1.7.24 and 2.1.9 as well
 #   make test-cgroup2 the CRI suite on cgroup v2 in a VM, cgroupfs and systemd drivers
 #   make kind-test    Bulwark in a kind cluster (machines with Docker and kind only)
-#   make bench   print the benchmark tables: the runtime, and pods through CRI (root)
+#   make bench   print the benchmark tables: the runtime, pods through CRI (root), and
+#                serving next to `wasmtime serve` (built once into build/wasmtime)
 #   make lint    rustfmt and clippy, warnings as errors
 
 CARGO      ?= cargo
@@ -18,12 +19,17 @@ COMPONENTS := $(BUILD)/components
 NATIVE     := $(BUILD)/native
 BIN        := target/x86_64-unknown-linux-gnu/release
 BULWARK    := $(BIN)/bulwark
+PEER       := $(BUILD)/wasmtime/bin/wasmtime
+# componentize-py builds the big wasi:http component (CPython inside, ~18 MB) from PyPI.
+PYVENV     := $(BUILD)/venv
+COMPONENTIZE_PY_VERSION := 0.25.1
+WASMTIME_VERSION := $(shell sed -n 's/^wasmtime = .*version = "=\{0,1\}\([0-9.]*\)".*/\1/p' Cargo.toml | head -1)
 # The C guests that also exist as WASI preview 2 command components.
 COMPONENT_GUESTS := hello echo exit cat fileio passwd membomb sleep cpu escape
 
 APT_PACKAGES := libc6-dev clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
 	containerd runc containernetworking-plugins iproute2 docker-registry skopeo \
-	busybox-static protobuf-compiler
+	busybox-static protobuf-compiler wrk python3-venv
 
 .PHONY: all build guests components deps demo demo-cli test test-matrix test-cgroup2 installer-image kind-test bench lint clean
 
@@ -45,6 +51,18 @@ components: guests build
 			$(BIN)/componentize $(GUESTS)/$$guest.wasm $(COMPONENTS)/$$guest.wasm || exit 1; \
 		fi; \
 	done
+	@if [ ! $(COMPONENTS)/httpd.wasm -nt $(GUESTS)/httpd.wasm ]; then \
+		echo "componentize --http httpd"; \
+		$(BIN)/componentize --http $(GUESTS)/httpd.wasm $(COMPONENTS)/httpd.wasm || exit 1; \
+	fi
+	@if [ ! $(COMPONENTS)/pyhttp.wasm -nt images/guests/python/app.py ]; then \
+		echo "componentize-py pyhttp"; \
+		[ -x $(PYVENV)/bin/componentize-py ] || { python3 -m venv $(PYVENV) && \
+			$(PYVENV)/bin/pip install -q componentize-py==$(COMPONENTIZE_PY_VERSION); } || exit 1; \
+		set -- $$($(BIN)/componentize --http-wit) && \
+		$(PYVENV)/bin/componentize-py -q -d $$1 -w $$2 componentize -p images/guests/python \
+			-o $(COMPONENTS)/pyhttp.wasm app || exit 1; \
+	fi
 
 deps:
 	@bash tests/chart/get-helm.sh
@@ -86,8 +104,13 @@ test-matrix: build guests components
 test-cgroup2: build guests components
 	bash tests/vm/cgroup2.sh
 
-bench: build guests
-	$(CARGO) bench --workspace --bench runtime --bench pods
+bench: build guests components $(PEER)
+	$(CARGO) bench --workspace --bench runtime --bench pods --bench serve
+
+# The serving benchmark's peer: `wasmtime serve` at Bulwark's Wasmtime version, built once
+# (a long build; `make bench` only, never CI).
+$(PEER):
+	$(CARGO) install --locked wasmtime-cli --version $(WASMTIME_VERSION) --root $(BUILD)/wasmtime
 
 lint:
 	$(CARGO) fmt --all -- --check

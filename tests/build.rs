@@ -1,6 +1,7 @@
 //! Tells the crate which target it is built for (for `cargo metadata --filter-platform`),
-//! and where the wasmtime-wasi sources this build uses keep their WIT files, so that tests
-//! can build WASI components where no cargo runs (the VM of `make test-cgroup2`).
+//! and where the wasmtime-wasi and wasmtime-wasi-http sources this build uses keep their
+//! WIT files, so that tests and tools can build WASI components where no cargo runs (the VM
+//! of `make test-cgroup2`).
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -10,8 +11,15 @@ fn main() {
     );
     let lock = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
     println!("cargo:rerun-if-changed={}", lock.display());
-    if let Some(dir) = locked_version(&lock, "wasmtime-wasi").and_then(|v| wasi_wit_dir(&v)) {
-        println!("cargo:rustc-env=BULWARK_WASI_WIT={}", dir.display());
+    let wit = [
+        ("wasmtime-wasi", "src/p2/wit", "BULWARK_WASI_WIT"),
+        ("wasmtime-wasi-http", "wit", "BULWARK_WASI_HTTP_WIT"),
+    ];
+    for (package, dir, variable) in wit {
+        if let Some(dir) = locked_version(&lock, package).and_then(|v| source_dir(package, &v, dir))
+        {
+            println!("cargo:rustc-env={variable}={}", dir.display());
+        }
     }
 }
 
@@ -28,18 +36,14 @@ fn locked_version(lock: &Path, package: &str) -> Option<String> {
     None
 }
 
-/// `src/p2/wit` of wasmtime-wasi `version` in the cargo registry's sources.
-fn wasi_wit_dir(version: &str) -> Option<PathBuf> {
+/// Directory `dir` of `package` `version` in the cargo registry's sources.
+fn source_dir(package: &str, version: &str, dir: &str) -> Option<PathBuf> {
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))?;
     std::fs::read_dir(cargo_home.join("registry/src"))
         .ok()?
         .filter_map(|entry| entry.ok())
-        .map(|entry| {
-            entry
-                .path()
-                .join(format!("wasmtime-wasi-{version}/src/p2/wit"))
-        })
+        .map(|entry| entry.path().join(format!("{package}-{version}/{dir}")))
         .find(|dir| dir.is_dir())
 }

@@ -7,6 +7,7 @@
 //! fuel = 100000000000
 //! timeout = "1h"
 //! memory = "1Gi"
+//! concurrency = 1000   # serving mode: requests in flight in one pod
 //! [capabilities]
 //! allow_native = false
 //! allow_network = false
@@ -36,6 +37,8 @@ pub struct Limits {
     pub timeout: Option<Duration>,
     /// Bytes of linear memory (and tables) one instance may hold.
     pub memory: Option<u64>,
+    /// Serving mode: requests in flight at once.
+    pub concurrency: Option<u32>,
 }
 
 /// Switches for what pods may do beyond running Wasm.
@@ -126,6 +129,7 @@ struct RawLimits {
     fuel: Option<u64>,
     timeout: Option<String>,
     memory: Option<RawQuantity>,
+    concurrency: Option<u32>,
 }
 
 /// Kubernetes lets a quantity be a bare number or a string; so does the node config.
@@ -234,6 +238,15 @@ impl NodeConfig {
                 format_memory(ceiling),
             ));
         }
+        if let (Some(default), Some(ceiling)) = (defaults.concurrency, ceilings.concurrency)
+            && default > ceiling
+        {
+            return Err(above(
+                "concurrency",
+                default.to_string(),
+                ceiling.to_string(),
+            ));
+        }
         Ok(())
     }
 }
@@ -261,10 +274,18 @@ impl RawLimits {
             ),
             None => None,
         };
+        if self.concurrency == Some(0) {
+            return Err(bad(
+                "concurrency",
+                "0",
+                "a number of requests above zero".into(),
+            ));
+        }
         Ok(Limits {
             fuel: self.fuel,
             timeout,
             memory,
+            concurrency: self.concurrency,
         })
     }
 }

@@ -43,6 +43,52 @@ pub enum Allocation {
         /// Live instances (and memories, tables) the pool holds.
         instances: u32,
     },
+    /// The pooling allocator for a component served with this many instances live at once
+    /// (serving mode), each of the component's shape.
+    ComponentPool {
+        /// Live component instances.
+        instances: u32,
+        /// What one of them holds.
+        shape: ComponentShape,
+    },
+}
+
+/// What one instance of a component holds: core instances, memories and tables, counted in
+/// its binary (an upper bound: every module instantiated once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComponentShape {
+    /// Core module instances.
+    pub core_instances: u32,
+    /// Linear memories defined by its modules.
+    pub memories: u32,
+    /// Tables defined by its modules.
+    pub tables: u32,
+}
+
+impl ComponentShape {
+    /// Counts what `component` (a component binary) instantiates.
+    pub fn of(component: &[u8]) -> Result<ComponentShape, NotWasm> {
+        use wasmparser::Payload;
+        let mut shape = ComponentShape {
+            core_instances: 0,
+            memories: 0,
+            tables: 0,
+        };
+        for payload in wasmparser::Parser::new(0).parse_all(component) {
+            let payload =
+                payload.map_err(|error| NotWasm(format!("malformed component: {error}")))?;
+            match payload {
+                Payload::ModuleSection { .. } => shape.core_instances += 1,
+                Payload::MemorySection(memories) => shape.memories += memories.count(),
+                Payload::TableSection(tables) => shape.tables += tables.count(),
+                Payload::InstanceSection(instances) => {
+                    shape.core_instances += instances.count();
+                }
+                _ => {}
+            }
+        }
+        Ok(shape)
+    }
 }
 
 /// The engine could not be configured (a platform without what Wasmtime needs).
@@ -64,16 +110,35 @@ pub fn build_engine(
     // without serving the workloads Bulwark runs.
     config.wasm_memory64(false);
     config.wasm_component_model(true);
-    if let Allocation::Pooling { instances } = allocation {
-        let mut pool = PoolingAllocationConfig::new();
-        pool.total_core_instances(instances)
-            .total_memories(instances)
-            .total_tables(instances)
-            .total_component_instances(instances)
-            .max_memories_per_module(1)
-            .max_tables_per_module(1)
-            .table_elements(MAX_TABLE_ELEMENTS);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    match allocation {
+        Allocation::OnDemand => {}
+        Allocation::Pooling { instances } => {
+            let mut pool = PoolingAllocationConfig::new();
+            pool.total_core_instances(instances)
+                .total_memories(instances)
+                .total_tables(instances)
+                .total_component_instances(instances)
+                .max_memories_per_module(1)
+                .max_tables_per_module(1)
+                .table_elements(MAX_TABLE_ELEMENTS);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
+        Allocation::ComponentPool { instances, shape } => {
+            let per = |count: u32| count.max(1);
+            let mut pool = PoolingAllocationConfig::new();
+            pool.total_component_instances(instances)
+                .total_core_instances(instances.saturating_mul(per(shape.core_instances)))
+                .total_memories(instances.saturating_mul(per(shape.memories)))
+                .total_tables(instances.saturating_mul(per(shape.tables)))
+                .total_stacks(instances)
+                .max_core_instances_per_component(per(shape.core_instances))
+                .max_memories_per_component(per(shape.memories))
+                .max_tables_per_component(per(shape.tables))
+                .max_memories_per_module(1)
+                .max_tables_per_module(per(shape.tables))
+                .table_elements(MAX_TABLE_ELEMENTS);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
     }
     Engine::new(&config).map_err(|error| EngineError(format!("{error:#}")))
 }
@@ -103,6 +168,36 @@ pub enum WasmKind {
     Module,
     /// A component (WASI preview 2, `wasi:cli/run`).
     Component,
+}
+
+/// Whether a component exports `wasi:http/incoming-handler` (0.2.x): it is served (see
+/// [`crate::serve`]), not run to its end. Only the component's own exports count, not
+/// those of components nested in it; bytes that do not parse export nothing.
+pub fn serves_http(component: &[u8]) -> bool {
+    use wasmparser::Payload;
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(component) {
+        match payload {
+            Ok(Payload::ModuleSection { .. } | Payload::ComponentSection { .. }) => depth += 1,
+            Ok(Payload::End(_)) => depth = depth.saturating_sub(1),
+            Ok(Payload::ComponentExportSection(exports)) if depth == 0 => {
+                let serves = exports.into_iter().any(|export| {
+                    export.is_ok_and(|export| {
+                        export
+                            .name
+                            .name
+                            .starts_with("wasi:http/incoming-handler@0.2.")
+                    })
+                });
+                if serves {
+                    return true;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// Bytes that are not a WebAssembly binary Bulwark runs.

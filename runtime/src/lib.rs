@@ -7,6 +7,8 @@
 //!   precompiled modules, and [`run::Loaded::run`], which runs a WASI preview 1 module or
 //!   preview 2 command under a policy and returns an [`run::Outcome`] with the exit code
 //!   and reason of the contract.
+//! - [`serve::Service`]: serving mode, a `wasi:http/proxy` component as an HTTP service with
+//!   a fresh instance per request and per-request limits.
 //!
 //! The shim and the `bulwark` CLI both build on this crate, so a policy tried on a laptop
 //! is the policy a pod gets.
@@ -17,6 +19,7 @@ pub mod engine;
 pub mod image;
 pub mod policy;
 pub mod run;
+pub mod serve;
 pub mod units;
 
 pub use config::NodeConfig;

@@ -34,17 +34,26 @@ pub enum Knob {
     Env,
     /// Outbound TCP the guest may open.
     Network,
+    /// Serving mode: where a wasi:http component listens.
+    Listen,
+    /// Serving mode: requests in flight at most.
+    Concurrency,
+    /// Serving mode: where Prometheus metrics are served.
+    Metrics,
 }
 
 impl Knob {
     /// Every knob, in the order the docs list them.
-    pub const ALL: [Knob; 6] = [
+    pub const ALL: [Knob; 9] = [
         Knob::Fuel,
         Knob::Timeout,
         Knob::Memory,
         Knob::Dirs,
         Knob::Env,
         Knob::Network,
+        Knob::Listen,
+        Knob::Concurrency,
+        Knob::Metrics,
     ];
 
     /// The knob's name after the prefix (`fuel`).
@@ -56,6 +65,9 @@ impl Knob {
             Knob::Dirs => "dirs",
             Knob::Env => "env",
             Knob::Network => "network",
+            Knob::Listen => "listen",
+            Knob::Concurrency => "concurrency",
+            Knob::Metrics => "metrics",
         }
     }
 
@@ -68,6 +80,9 @@ impl Knob {
             Knob::Dirs => "bulwark.dev/dirs",
             Knob::Env => "bulwark.dev/env",
             Knob::Network => "bulwark.dev/network",
+            Knob::Listen => "bulwark.dev/listen",
+            Knob::Concurrency => "bulwark.dev/concurrency",
+            Knob::Metrics => "bulwark.dev/metrics",
         }
     }
 
@@ -80,11 +95,14 @@ impl Knob {
             Knob::Dirs => "--dir",
             Knob::Env => "--env",
             Knob::Network => "--network",
+            Knob::Listen => "--listen",
+            Knob::Concurrency => "--concurrency",
+            Knob::Metrics => "--metrics",
         }
     }
 
-    fn from_annotation(key: &str) -> Option<Knob> {
-        Knob::ALL.into_iter().find(|knob| knob.annotation() == key)
+    fn from_name(name: &str) -> Option<Knob> {
+        Knob::ALL.into_iter().find(|knob| knob.name() == name)
     }
 }
 
@@ -115,7 +133,7 @@ pub enum PolicyError {
     #[error("{key}: {value:?} is malformed: {expected}")]
     Malformed {
         /// The annotation or flag.
-        key: &'static str,
+        key: String,
         /// The value as given.
         value: String,
         /// What was expected.
@@ -127,7 +145,7 @@ pub enum PolicyError {
     )]
     AboveCeiling {
         /// The annotation or flag.
-        key: &'static str,
+        key: String,
         /// The knob's config name (`memory`).
         knob: &'static str,
         /// The value as given.
@@ -149,9 +167,25 @@ pub enum PolicyError {
     )]
     NetworkNotAllowed {
         /// The annotation or flag.
-        key: &'static str,
+        key: String,
         /// The value as given.
         value: String,
+    },
+    /// Serving mode: the instances asked for do not fit in the container's memory limit.
+    #[error(
+        "{key}: {concurrency} instances of {memory} each need {needed}, more than the {budget} the container's memory limit leaves for them (less what the runtime keeps): lower the concurrency or the memory per instance, or raise the container's memory limit"
+    )]
+    ServingOverBudget {
+        /// The concurrency annotation or flag.
+        key: String,
+        /// Instances asked for.
+        concurrency: u32,
+        /// Memory per instance.
+        memory: String,
+        /// What they need together.
+        needed: String,
+        /// What the container leaves for them.
+        budget: String,
     },
 }
 
@@ -190,10 +224,11 @@ pub struct DirGrant {
 pub const RUNTIME_MEMORY_RESERVE: u64 = 16 << 20;
 
 /// Where an effective limit came from, so that a reason can say which setting fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LimitSource {
-    /// The workload asked for it, through this knob spelled this way.
-    Requested(Knob, Spelling),
+    /// The workload asked for it, through this annotation or flag (as written:
+    /// `bulwark.dev/fuel`, `bulwark.dev/fuel.web`, `--fuel`).
+    Requested(String),
     /// The node's `[defaults]`.
     NodeDefault,
     /// The node's `[ceilings]` (the workload asked for nothing and there is no default).
@@ -206,17 +241,40 @@ pub enum LimitSource {
         /// The part of it kept for the runtime, in bytes.
         reserve: u64,
     },
+    /// Bulwark's own default (nothing in the request or the node configuration says).
+    BuiltIn,
+    /// Serving mode: the container's memory limit, less the runtime's reserve, shared by
+    /// this many instances.
+    ContainerMemoryShare {
+        /// The container's memory limit in bytes.
+        limit: u64,
+        /// The part of it kept for the runtime, in bytes.
+        reserve: u64,
+        /// Instances that share the rest.
+        instances: u32,
+    },
 }
 
 impl fmt::Display for LimitSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LimitSource::Requested(knob, spelling) => f.write_str(spelling.key(*knob)),
+            LimitSource::Requested(key) => f.write_str(key),
             LimitSource::NodeDefault => f.write_str("node default"),
             LimitSource::NodeCeiling => f.write_str("node ceiling"),
+            LimitSource::BuiltIn => f.write_str("Bulwark's default"),
             LimitSource::ContainerMemoryLimit { limit, reserve } => write!(
                 f,
                 "container memory limit {}, less {} kept for the runtime",
+                format_memory(*limit),
+                format_memory(*reserve)
+            ),
+            LimitSource::ContainerMemoryShare {
+                limit,
+                reserve,
+                instances,
+            } => write!(
+                f,
+                "container memory limit {}, less {} kept for the runtime, shared by {instances} instances",
                 format_memory(*limit),
                 format_memory(*reserve)
             ),
@@ -225,7 +283,7 @@ impl fmt::Display for LimitSource {
 }
 
 /// An effective limit and where it came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limit<T> {
     /// The limit.
     pub value: T,
@@ -244,7 +302,12 @@ pub struct Request {
     dirs: Vec<DirGrant>,
     env: Option<BTreeSet<String>>,
     network: Option<Vec<SocketAddr>>,
+    listen: Option<SocketAddr>,
+    concurrency: Option<u32>,
+    metrics: Option<SocketAddr>,
     raw: BTreeMap<Knob, String>,
+    /// The annotation each knob was set through, where it is not the plain one.
+    keys: BTreeMap<Knob, String>,
 }
 
 impl Request {
@@ -267,25 +330,51 @@ impl Request {
             dirs: Vec::new(),
             env: None,
             network: None,
+            listen: None,
+            concurrency: None,
+            metrics: None,
             raw: BTreeMap::new(),
+            keys: BTreeMap::new(),
         }
     }
 
     /// Reads the `bulwark.dev/*` keys of a container's annotations; other keys are not
     /// Bulwark's and are passed over. An unknown `bulwark.dev/*` key is an error.
+    /// `bulwark.dev/<knob>.<container>` applies to the container of that name only
+    /// (`container`, the container being read for) and wins over `bulwark.dev/<knob>`.
     pub fn from_annotations<'a>(
         annotations: impl IntoIterator<Item = (&'a str, &'a str)>,
+        container: Option<&str>,
     ) -> Result<Request, PolicyError> {
-        let mut request = Request::annotations();
+        let mut chosen: BTreeMap<Knob, (bool, &str, &str)> = BTreeMap::new();
         for (key, value) in annotations {
-            if !key.starts_with(ANNOTATION_PREFIX) {
+            let Some(rest) = key.strip_prefix(ANNOTATION_PREFIX) else {
                 continue;
+            };
+            let (name, for_container) = match rest.split_once('.') {
+                Some((name, suffix)) => (name, Some(suffix)),
+                None => (rest, None),
+            };
+            let knob = Knob::from_name(name).ok_or_else(|| PolicyError::UnknownAnnotation {
+                key: key.to_owned(),
+                known: Knob::ALL.map(Knob::annotation).join(", ")
+                    + " (and bulwark.dev/<knob>.<container name> for one container)",
+            })?;
+            let specific = match for_container {
+                None => false,
+                Some(name) if Some(name) == container => true,
+                Some(_) => continue,
+            };
+            let entry = chosen.entry(knob).or_insert((specific, key, value));
+            if specific {
+                *entry = (specific, key, value);
             }
-            let knob =
-                Knob::from_annotation(key).ok_or_else(|| PolicyError::UnknownAnnotation {
-                    key: key.to_owned(),
-                    known: Knob::ALL.map(Knob::annotation).join(", "),
-                })?;
+        }
+        let mut request = Request::annotations();
+        for (knob, (specific, key, value)) in chosen {
+            if specific {
+                request.keys.insert(knob, key.to_owned());
+            }
             request.set(knob, value)?;
         }
         Ok(request)
@@ -294,9 +383,9 @@ impl Request {
     /// Sets one knob from its text form. `dirs` accumulates (the CLI's `--dir` repeats);
     /// the others replace an earlier value.
     pub fn set(&mut self, knob: Knob, value: &str) -> Result<(), PolicyError> {
-        let key = self.spelling.key(knob);
+        let key = &self.key(knob);
         let malformed = |expected: String| PolicyError::Malformed {
-            key,
+            key: key.clone(),
             value: value.to_owned(),
             expected,
         };
@@ -332,6 +421,19 @@ impl Request {
             }
             Knob::Env => self.env = Some(parse_env_names(value).map_err(malformed)?),
             Knob::Network => self.network = Some(parse_network(value).map_err(malformed)?),
+            Knob::Listen => self.listen = Some(parse_listen(value, false).map_err(malformed)?),
+            Knob::Metrics => self.metrics = Some(parse_listen(value, true).map_err(malformed)?),
+            Knob::Concurrency => {
+                let expected = "a whole number of requests above zero, such as 100";
+                let concurrency: u32 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| malformed(expected.into()))?;
+                if concurrency == 0 {
+                    return Err(malformed(expected.into()));
+                }
+                self.concurrency = Some(concurrency);
+            }
         }
         let raw = self.raw.entry(knob).or_default();
         if !raw.is_empty() {
@@ -341,8 +443,11 @@ impl Request {
         Ok(())
     }
 
-    fn key(&self, knob: Knob) -> &'static str {
-        self.spelling.key(knob)
+    fn key(&self, knob: Knob) -> String {
+        self.keys
+            .get(&knob)
+            .cloned()
+            .unwrap_or_else(|| self.spelling.key(knob).to_owned())
     }
 
     fn raw(&self, knob: Knob) -> String {
@@ -370,6 +475,44 @@ pub struct Policy {
     /// Whether the workload may run where the kernel does not enforce Landlock.
     #[serde(default)]
     pub allow_without_landlock: bool,
+    /// Serving mode: where it listens, how many requests it serves at once, where its
+    /// metrics are (used only for a wasi:http component; see [`Policy::serving`]).
+    pub serve: ServeRequest,
+    /// The container's memory limit, if [`Policy::bound_by_container_memory`] was told one.
+    pub container_memory: Option<u64>,
+}
+
+/// Where a wasi:http component listens by default.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 8080);
+
+/// Requests served at once when nothing (annotation, node default, memory budget) says.
+pub const DEFAULT_CONCURRENCY: u32 = 64;
+
+/// What a workload asked of serving mode, before its memory budget is shared out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServeRequest {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Requests in flight at most, if asked for (or a node default or ceiling).
+    pub concurrency: Option<Limit<u32>>,
+    /// The concurrency ceiling, to bound a concurrency derived from memory.
+    pub concurrency_ceiling: Option<u32>,
+    /// Where Prometheus text is served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// How a wasi:http component is served: every figure settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Serving {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Where Prometheus text is served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Requests in flight at most.
+    pub concurrency: Limit<u32>,
+    /// Memory of one instance (one request), if capped.
+    pub instance_memory: Option<Limit<u64>>,
 }
 
 impl Policy {
@@ -407,6 +550,40 @@ impl Policy {
                 value: request.raw(Knob::Network),
             });
         }
+        let concurrency = resolve_limit(
+            request,
+            Knob::Concurrency,
+            request.concurrency,
+            config.defaults.concurrency,
+            None,
+            |n| n.to_string(),
+        )?;
+        if let (Some(asked), Some(ceiling)) = (&concurrency, config.ceilings.concurrency)
+            && asked.value > ceiling
+        {
+            return Err(PolicyError::AboveCeiling {
+                key: request.key(Knob::Concurrency),
+                knob: Knob::Concurrency.name(),
+                value: request.raw(Knob::Concurrency),
+                ceiling: ceiling.to_string(),
+            });
+        }
+        let listen = request.listen.unwrap_or(DEFAULT_LISTEN);
+        if let Some(metrics) = request.metrics
+            && metrics.port() == listen.port()
+            && (metrics.ip() == listen.ip()
+                || metrics.ip().is_unspecified()
+                || listen.ip().is_unspecified())
+        {
+            return Err(PolicyError::Malformed {
+                key: request.key(Knob::Metrics),
+                value: request.raw(Knob::Metrics),
+                expected: format!(
+                    "an address apart from where the service listens ({listen}, {})",
+                    request.key(Knob::Listen)
+                ),
+            });
+        }
         Ok(Policy {
             fuel,
             timeout,
@@ -416,6 +593,13 @@ impl Policy {
             network,
             allow_native: config.capabilities.allow_native,
             allow_without_landlock: config.capabilities.allow_without_landlock,
+            serve: ServeRequest {
+                listen,
+                concurrency,
+                concurrency_ceiling: config.ceilings.concurrency,
+                metrics: request.metrics,
+            },
+            container_memory: None,
         })
     }
 
@@ -425,9 +609,14 @@ impl Policy {
     /// [`RUNTIME_MEMORY_RESERVE`] (a quarter of the limit, for small limits); an explicit
     /// memory limit that is tighter stays.
     pub fn bound_by_container_memory(&mut self, container_limit: u64) {
-        let reserve = RUNTIME_MEMORY_RESERVE.min(container_limit / 4);
+        self.container_memory = Some(container_limit);
+        let reserve = runtime_reserve(container_limit);
         let bound = container_limit - reserve;
-        if self.memory.is_none_or(|memory| memory.value > bound) {
+        if self
+            .memory
+            .as_ref()
+            .is_none_or(|memory| memory.value > bound)
+        {
             self.memory = Some(Limit {
                 value: bound,
                 source: LimitSource::ContainerMemoryLimit {
@@ -435,6 +624,89 @@ impl Policy {
                     reserve,
                 },
             });
+        }
+    }
+
+    /// Serving mode's figures. Requests in flight at most: the concurrency asked for (or the
+    /// node's default), else as many instances of the memory limit as the container's
+    /// memory budget holds, else [`DEFAULT_CONCURRENCY`] (never above the node's ceiling).
+    /// All instances together stay inside the container's memory limit less the runtime's
+    /// reserve: each gets at most its share of it.
+    pub fn serving(&self) -> Result<Serving, PolicyError> {
+        let request = &self.serve;
+        let ceiling = request.concurrency_ceiling.unwrap_or(u32::MAX);
+        let Some(limit) = self.container_memory else {
+            let concurrency = request.concurrency.clone().unwrap_or(Limit {
+                value: DEFAULT_CONCURRENCY.min(ceiling),
+                source: LimitSource::BuiltIn,
+            });
+            return Ok(self.settle_serving(concurrency, self.memory.clone()));
+        };
+        let reserve = runtime_reserve(limit);
+        let budget = limit - reserve;
+        let share = |instances: u32| Limit {
+            value: budget / u64::from(instances.max(1)),
+            source: LimitSource::ContainerMemoryShare {
+                limit,
+                reserve,
+                instances,
+            },
+        };
+        // A memory limit of its own (not the container's whole budget) sets how many fit.
+        let own_memory = self
+            .memory
+            .clone()
+            .filter(|memory| !matches!(memory.source, LimitSource::ContainerMemoryLimit { .. }));
+        let concurrency = match (&request.concurrency, &own_memory) {
+            (Some(concurrency), Some(memory)) => {
+                let needed = u64::from(concurrency.value).saturating_mul(memory.value);
+                if needed > budget && matches!(memory.source, LimitSource::Requested(_)) {
+                    return Err(PolicyError::ServingOverBudget {
+                        key: match &concurrency.source {
+                            LimitSource::Requested(key) => key.clone(),
+                            _ => "defaults.concurrency".into(),
+                        },
+                        concurrency: concurrency.value,
+                        memory: format_memory(memory.value),
+                        needed: format_memory(needed),
+                        budget: format_memory(budget),
+                    });
+                }
+                concurrency.clone()
+            }
+            (Some(concurrency), None) => concurrency.clone(),
+            (None, Some(memory)) => {
+                let instances = u32::try_from(budget / memory.value.max(1))
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, ceiling);
+                Limit {
+                    value: instances,
+                    source: LimitSource::ContainerMemoryShare {
+                        limit,
+                        reserve,
+                        instances,
+                    },
+                }
+            }
+            (None, None) => Limit {
+                value: DEFAULT_CONCURRENCY.min(ceiling),
+                source: LimitSource::BuiltIn,
+            },
+        };
+        let own_share = share(concurrency.value);
+        let memory = match own_memory {
+            Some(memory) if memory.value <= own_share.value => Some(memory),
+            _ => Some(own_share),
+        };
+        Ok(self.settle_serving(concurrency, memory))
+    }
+
+    fn settle_serving(&self, concurrency: Limit<u32>, memory: Option<Limit<u64>>) -> Serving {
+        Serving {
+            listen: self.serve.listen,
+            metrics: self.serve.metrics,
+            concurrency,
+            instance_memory: memory,
         }
     }
 
@@ -452,6 +724,11 @@ impl Policy {
             })
             .collect()
     }
+}
+
+/// What the workload process keeps for itself inside a container memory limit.
+fn runtime_reserve(container_limit: u64) -> u64 {
+    RUNTIME_MEMORY_RESERVE.min(container_limit / 4)
 }
 
 fn resolve_limit<T: Copy + PartialOrd>(
@@ -476,7 +753,7 @@ fn resolve_limit<T: Copy + PartialOrd>(
     Ok(match (requested, default, ceiling) {
         (Some(value), _, _) => Some(Limit {
             value,
-            source: LimitSource::Requested(knob, request.spelling),
+            source: LimitSource::Requested(request.key(knob)),
         }),
         (None, Some(value), _) => Some(Limit {
             value,
@@ -565,6 +842,24 @@ fn parse_env_names(value: &str) -> Result<BTreeSet<String>, String> {
     Ok(names)
 }
 
+/// `PORT`, `IP:PORT` or `[IPv6]:PORT` (all addresses for a bare port); `metrics` only
+/// changes what the message offers as an example.
+fn parse_listen(value: &str, metrics: bool) -> Result<SocketAddr, String> {
+    let example = if metrics { "9090" } else { "8080" };
+    let expected = format!(
+        "a port ({example}), IP:PORT (127.0.0.1:{example}) or [IPv6]:PORT ([::]:{example})"
+    );
+    let value = value.trim();
+    let address = match value.parse::<u16>() {
+        Ok(port) => SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port),
+        Err(_) => value.parse().map_err(|_| expected.clone())?,
+    };
+    if address.port() == 0 {
+        return Err(format!("{expected}; port 0 is not a port to listen on"));
+    }
+    Ok(address)
+}
+
 fn parse_network(value: &str) -> Result<Vec<SocketAddr>, String> {
     let expected = "none, or tcp:IP:PORT entries separated by commas (tcp:10.0.0.5:5432,tcp:[::1]:8080); hosts are IP addresses because the guest gets no DNS";
     if value.trim() == "none" {
@@ -597,18 +892,20 @@ mod tests {
                 fuel: None,
                 timeout: None,
                 memory: Some(256 << 20),
+                concurrency: None,
             },
             ceilings: Limits {
                 fuel: Some(1_000_000),
                 timeout: Some(Duration::from_secs(3600)),
                 memory: Some(1 << 30),
+                concurrency: Some(500),
             },
             capabilities: Capabilities::default(),
         }
     }
 
     fn annotations(pairs: &[(&str, &str)]) -> Result<Request, PolicyError> {
-        Request::from_annotations(pairs.iter().copied())
+        Request::from_annotations(pairs.iter().copied(), None)
     }
 
     #[test]
@@ -651,10 +948,10 @@ mod tests {
         ])
         .unwrap();
         let policy = Policy::resolve(&config_with_ceilings(), &request).unwrap();
-        assert_eq!(policy.fuel.unwrap().value, 5000);
+        assert_eq!(policy.fuel.as_ref().unwrap().value, 5000);
         assert_eq!(
             policy.fuel.unwrap().source,
-            LimitSource::Requested(Knob::Fuel, Spelling::Annotation)
+            LimitSource::Requested("bulwark.dev/fuel".into())
         );
         assert_eq!(policy.timeout.unwrap().value, Duration::from_millis(250));
         assert_eq!(policy.memory.unwrap().value, 64 << 20);
@@ -838,7 +1135,7 @@ mod tests {
         policy.bound_by_container_memory(64 << 20);
         assert_eq!(
             policy.memory.unwrap().source,
-            LimitSource::Requested(Knob::Memory, Spelling::Annotation)
+            LimitSource::Requested("bulwark.dev/memory".into())
         );
         let loose = annotations(&[("bulwark.dev/memory", "1Gi")]).unwrap();
         let mut policy = Policy::resolve(&empty, &loose).unwrap();
@@ -853,5 +1150,191 @@ mod tests {
                 }
             }
         );
+    }
+
+    fn for_container(pairs: &[(&str, &str)], container: &str) -> Result<Request, PolicyError> {
+        Request::from_annotations(pairs.iter().copied(), Some(container))
+    }
+
+    #[test]
+    fn a_container_key_wins_for_its_container_only() {
+        let pairs = [
+            ("bulwark.dev/fuel", "1000"),
+            ("bulwark.dev/fuel.web", "2000"),
+            ("bulwark.dev/listen.web", "9000"),
+            ("bulwark.dev/listen.admin", "9001"),
+        ];
+        let config = config_with_ceilings();
+        let web = Policy::resolve(&config, &for_container(&pairs, "web").unwrap()).unwrap();
+        assert_eq!(
+            web.fuel,
+            Some(Limit {
+                value: 2000,
+                source: LimitSource::Requested("bulwark.dev/fuel.web".into())
+            })
+        );
+        assert_eq!(web.serve.listen, "0.0.0.0:9000".parse().unwrap());
+
+        let admin = Policy::resolve(&config, &for_container(&pairs, "admin").unwrap()).unwrap();
+        assert_eq!(admin.fuel.unwrap().value, 1000);
+        assert_eq!(admin.serve.listen, "0.0.0.0:9001".parse().unwrap());
+
+        // Another container's key is not this one's business, even when malformed.
+        let other = for_container(&[("bulwark.dev/fuel.web", "lots")], "side").unwrap();
+        assert_eq!(
+            Policy::resolve(&config, &other)
+                .unwrap()
+                .fuel
+                .unwrap()
+                .value,
+            1_000_000
+        );
+
+        // Errors name the key that was given, the container's own.
+        let err = for_container(&[("bulwark.dev/fuel.web", "lots")], "web").unwrap_err();
+        assert!(err.to_string().contains("bulwark.dev/fuel.web"), "{err}");
+        let err = Policy::resolve(
+            &config,
+            &for_container(&[("bulwark.dev/fuel.web", "2000000")], "web").unwrap(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bulwark.dev/fuel.web"), "{err}");
+        // An unknown knob is an error whichever container it names.
+        assert!(for_container(&[("bulwark.dev/fule.web", "1")], "side").is_err());
+    }
+
+    #[test]
+    fn listen_and_metrics_take_a_port_or_an_address() {
+        let listen = |value: &str| {
+            annotations(&[("bulwark.dev/listen", value)])
+                .map(|request| Policy::resolve(&NodeConfig::default(), &request).unwrap())
+        };
+        assert_eq!(
+            listen("9000").unwrap().serve.listen,
+            "0.0.0.0:9000".parse().unwrap()
+        );
+        assert_eq!(
+            listen("127.0.0.1:81").unwrap().serve.listen,
+            "127.0.0.1:81".parse().unwrap()
+        );
+        assert_eq!(
+            listen("[::]:8443").unwrap().serve.listen,
+            "[::]:8443".parse().unwrap()
+        );
+        for bad in ["0", "http", "localhost:80", "1.2.3.4", "70000", "[::]"] {
+            let err = listen(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("bulwark.dev/listen") && err.contains(bad) && err.contains("IP:PORT"),
+                "{bad}: {err}"
+            );
+        }
+        let default = Policy::resolve(&NodeConfig::default(), &annotations(&[]).unwrap()).unwrap();
+        assert_eq!(default.serve.listen, DEFAULT_LISTEN);
+        assert_eq!(default.serve.metrics, None);
+        let clash = annotations(&[("bulwark.dev/metrics", "127.0.0.1:8080")]).unwrap();
+        let err = Policy::resolve(&NodeConfig::default(), &clash)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bulwark.dev/metrics") && err.contains("0.0.0.0:8080"),
+            "{err}"
+        );
+        let metrics = annotations(&[("bulwark.dev/metrics", "9090")]).unwrap();
+        let policy = Policy::resolve(&NodeConfig::default(), &metrics).unwrap();
+        assert_eq!(
+            policy.serving().unwrap().metrics,
+            Some("0.0.0.0:9090".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn concurrency_is_checked_against_the_ceiling() {
+        let config = config_with_ceilings();
+        let err = annotations(&[("bulwark.dev/concurrency", "0")]).unwrap_err();
+        assert!(err.to_string().contains("above zero"), "{err}");
+        let over = annotations(&[("bulwark.dev/concurrency", "501")]).unwrap();
+        let err = Policy::resolve(&config, &over).unwrap_err().to_string();
+        assert!(
+            err.contains("bulwark.dev/concurrency") && err.contains("500"),
+            "{err}"
+        );
+        let at = annotations(&[("bulwark.dev/concurrency", "500")]).unwrap();
+        assert!(Policy::resolve(&config, &at).is_ok());
+    }
+
+    #[test]
+    fn serving_shares_the_container_memory_among_instances() {
+        let empty = NodeConfig::default();
+        let serving = |pairs: &[(&str, &str)], container: Option<u64>| {
+            let mut policy = Policy::resolve(&empty, &annotations(pairs).unwrap()).unwrap();
+            if let Some(limit) = container {
+                policy.bound_by_container_memory(limit);
+            }
+            policy.serving()
+        };
+
+        // No limits anywhere: the built-in concurrency, no memory cap.
+        let open = serving(&[], None).unwrap();
+        assert_eq!(open.concurrency.value, DEFAULT_CONCURRENCY);
+        assert_eq!(open.concurrency.source, LimitSource::BuiltIn);
+        assert_eq!(open.instance_memory, None);
+
+        // A container limit alone: the default concurrency, each instance its share.
+        let shared = serving(&[], Some(272 << 20)).unwrap();
+        assert_eq!(shared.concurrency.value, DEFAULT_CONCURRENCY);
+        let memory = shared.instance_memory.unwrap();
+        assert_eq!(memory.value, (256 << 20) / u64::from(DEFAULT_CONCURRENCY));
+        assert!(
+            memory.source.to_string().contains("shared by 64 instances"),
+            "{}",
+            memory.source
+        );
+
+        // An instance size alone: as many instances as the budget holds.
+        let derived = serving(&[("bulwark.dev/memory", "16Mi")], Some(272 << 20)).unwrap();
+        assert_eq!(derived.concurrency.value, 16);
+        assert_eq!(derived.instance_memory.unwrap().value, 16 << 20);
+
+        // Both, fitting: kept as asked.
+        let both = serving(
+            &[
+                ("bulwark.dev/memory", "8Mi"),
+                ("bulwark.dev/concurrency", "10"),
+            ],
+            Some(272 << 20),
+        )
+        .unwrap();
+        assert_eq!(both.concurrency.value, 10);
+        assert_eq!(both.instance_memory.unwrap().value, 8 << 20);
+
+        // Both, not fitting: refused with the figures.
+        let err = serving(
+            &[
+                ("bulwark.dev/memory", "8Mi"),
+                ("bulwark.dev/concurrency", "100"),
+            ],
+            Some(272 << 20),
+        )
+        .unwrap_err()
+        .to_string();
+        for part in ["bulwark.dev/concurrency", "100", "8Mi", "800Mi", "256Mi"] {
+            assert!(err.contains(part), "{part} missing from: {err}");
+        }
+
+        // Concurrency alone: each instance gets its share of the budget.
+        let capped = serving(&[("bulwark.dev/concurrency", "4")], Some(272 << 20)).unwrap();
+        assert_eq!(capped.instance_memory.unwrap().value, 64 << 20);
+    }
+
+    #[test]
+    fn derived_concurrency_stays_under_the_node_ceiling() {
+        let mut config = NodeConfig::default();
+        config.ceilings.concurrency = Some(8);
+        let request = annotations(&[("bulwark.dev/memory", "1Mi")]).unwrap();
+        let mut policy = Policy::resolve(&config, &request).unwrap();
+        policy.bound_by_container_memory(1 << 30);
+        assert_eq!(policy.serving().unwrap().concurrency.value, 8);
+        let policy = Policy::resolve(&config, &annotations(&[]).unwrap()).unwrap();
+        assert_eq!(policy.serving().unwrap().concurrency.value, 8);
     }
 }

@@ -106,6 +106,20 @@ pub enum RunError {
     /// The module cache failed in a way that is not the module's fault.
     #[error(transparent)]
     Cache(CacheError),
+    /// The policy cannot be served as asked (serving mode's figures do not fit).
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// A serving address could not be bound or listened on.
+    #[error("cannot listen on {address}: {message}")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// What the OS said.
+        message: String,
+    },
+    /// The server could not be set up or run.
+    #[error("{0}")]
+    Serve(String),
 }
 
 /// How a run ended. Limits end a run with a fixed exit code and a one-line reason.
@@ -254,6 +268,11 @@ impl Runtime {
         }
     }
 
+    /// Whether this runtime compiles on a pool of threads.
+    pub(crate) fn parallel_compilation(&self) -> bool {
+        self.options.parallel_compilation
+    }
+
     /// Which limits a policy needs compiled into the code.
     pub fn flavor(&self, policy: &Policy) -> Flavor {
         Flavor {
@@ -327,7 +346,7 @@ impl Runtime {
         })
     }
 
-    fn artifact<'a>(
+    pub(crate) fn artifact<'a>(
         &self,
         engine: &Engine,
         kind: WasmKind,
@@ -354,7 +373,7 @@ impl Runtime {
     }
 }
 
-enum Artifact<'a> {
+pub(crate) enum Artifact<'a> {
     Source(&'a [u8]),
     /// Bytes the module cache wrote and verified.
     Precompiled(Vec<u8>),
@@ -442,7 +461,7 @@ impl Loaded {
     /// is above the cap) come back as an [`Outcome`].
     pub fn instantiate(&self, workload: &Workload) -> Result<Result<Instance, Outcome>, RunError> {
         let guard = Guard::new(&self.policy);
-        let wasi = self.wasi_builder(workload)?;
+        let wasi = wasi_builder(&self.policy, workload)?;
         match &self.entry {
             Entry::Module(pre) => {
                 let mut wasi = wasi;
@@ -458,7 +477,11 @@ impl Loaded {
                     Ok(instance) => Ok(Ok(Instance {
                         inner: InstanceInner::Module(store, instance),
                     })),
-                    Err(error) => Ok(Err(self.outcome(error, &store.data().guard))),
+                    Err(error) => Ok(Err(classify(
+                        error,
+                        &store.data().guard,
+                        &StoreLimits::of(&self.policy),
+                    ))),
                 }
             }
             Entry::Component(pre) => {
@@ -476,7 +499,11 @@ impl Loaded {
                     Ok(command) => Ok(Ok(Instance {
                         inner: InstanceInner::Component(store, command),
                     })),
-                    Err(error) => Ok(Err(self.outcome(error, &store.data().guard))),
+                    Err(error) => Ok(Err(classify(
+                        error,
+                        &store.data().guard,
+                        &StoreLimits::of(&self.policy),
+                    ))),
                 }
             }
         }
@@ -492,6 +519,7 @@ impl Loaded {
         let watchdog = self
             .policy
             .timeout
+            .clone()
             .map(|timeout| Watchdog::start(timeout, self.deadline, report.clone()));
         let outcome = match self.instantiate(workload)? {
             Err(outcome) => outcome,
@@ -510,14 +538,18 @@ impl Loaded {
                     .and_then(|start| start.call(&mut store, ()));
                 match result {
                     Ok(()) => Outcome::Exited(0),
-                    Err(error) => self.outcome(error, &store.data().guard),
+                    Err(error) => {
+                        classify(error, &store.data().guard, &StoreLimits::of(&self.policy))
+                    }
                 }
             }
             InstanceInner::Component(mut store, command) => {
                 match command.wasi_cli_run().call_run(&mut store) {
                     Ok(Ok(())) => Outcome::Exited(0),
                     Ok(Err(())) => Outcome::Exited(1),
-                    Err(error) => self.outcome(error, &store.data().guard),
+                    Err(error) => {
+                        classify(error, &store.data().guard, &StoreLimits::of(&self.policy))
+                    }
                 }
             }
         }
@@ -525,76 +557,102 @@ impl Loaded {
 
     fn arm<T: GuardedHost>(&self, store: &mut Store<T>) {
         store.limiter(|host| host.guard() as &mut dyn ResourceLimiter);
-        if let Some(fuel) = self.policy.fuel {
+        if let Some(fuel) = &self.policy.fuel {
             store
                 .set_fuel(fuel.value)
                 .expect("fuel engines are built with consume_fuel");
         }
-        if let (true, Some(timeout)) = (self.flavor.epoch, self.policy.timeout) {
+        if let (true, Some(timeout)) = (self.flavor.epoch, &self.policy.timeout) {
             let ticks = timeout.value.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
             store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
             store.epoch_deadline_trap();
         }
     }
+}
 
-    fn wasi_builder(&self, workload: &Workload) -> Result<WasiCtxBuilder, RunError> {
-        let mut builder = WasiCtxBuilder::new();
-        builder.args(&workload.args);
-        builder.envs(&workload.env);
-        if workload.inherit_stdio {
-            builder.inherit_stdio();
-        }
-        for preopen in &workload.preopens {
-            let perms = match preopen.access {
-                Access::ReadOnly => FsPerms::ReadOnly,
-                Access::ReadWrite => FsPerms::ReadWrite,
-            };
-            builder
-                .preopened_dir(&preopen.host, &preopen.guest, perms)
-                .map_err(|error| RunError::Preopen {
-                    path: preopen.host.clone(),
-                    message: format!("{error:#}"),
-                })?;
-        }
-        // Sockets are off unless granted: no address passes the check, no DNS at all.
-        builder.allow_ip_name_lookup(false).allow_udp(false);
-        let grants: Arc<[SocketAddr]> = self.policy.network.clone().into();
-        builder.allow_tcp(!grants.is_empty());
-        builder.socket_addr_check(move |address, usage| {
-            let allowed = socket_use_allowed(&grants, address, usage);
-            Box::pin(async move { allowed })
-        });
-        Ok(builder)
+/// The WASI context of one instance: the workload's args, env, stdio and preopened
+/// directories, and sockets only to the policy's grants (no DNS, no UDP, no listening).
+pub(crate) fn wasi_builder(
+    policy: &Policy,
+    workload: &Workload,
+) -> Result<WasiCtxBuilder, RunError> {
+    let mut builder = WasiCtxBuilder::new();
+    builder.args(&workload.args);
+    builder.envs(&workload.env);
+    if workload.inherit_stdio {
+        builder.inherit_stdio();
     }
+    for preopen in &workload.preopens {
+        let perms = match preopen.access {
+            Access::ReadOnly => FsPerms::ReadOnly,
+            Access::ReadWrite => FsPerms::ReadWrite,
+        };
+        builder
+            .preopened_dir(&preopen.host, &preopen.guest, perms)
+            .map_err(|error| RunError::Preopen {
+                path: preopen.host.clone(),
+                message: format!("{error:#}"),
+            })?;
+    }
+    // Sockets are off unless granted: no address passes the check, no DNS at all.
+    builder.allow_ip_name_lookup(false).allow_udp(false);
+    let grants: Arc<[SocketAddr]> = policy.network.clone().into();
+    builder.allow_tcp(!grants.is_empty());
+    builder.socket_addr_check(move |address, usage| {
+        let allowed = socket_use_allowed(&grants, address, usage);
+        Box::pin(async move { allowed })
+    });
+    Ok(builder)
+}
 
-    fn outcome(&self, error: wasmtime::Error, guard: &Guard) -> Outcome {
-        if let Some(exit) = error.downcast_ref::<I32Exit>() {
-            return Outcome::Exited(exit.0);
+/// The limits one store runs under, which an [`Outcome`] names when one fires.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoreLimits {
+    pub(crate) fuel: Option<Limit<u64>>,
+    pub(crate) timeout: Option<Limit<Duration>>,
+    pub(crate) memory: Option<Limit<u64>>,
+}
+
+impl StoreLimits {
+    pub(crate) fn of(policy: &Policy) -> StoreLimits {
+        StoreLimits {
+            fuel: policy.fuel.clone(),
+            timeout: policy.timeout.clone(),
+            memory: policy.memory.clone(),
         }
-        let trap = error.downcast_ref::<Trap>().copied();
-        match (trap, self.policy.fuel, self.policy.timeout) {
-            (Some(Trap::OutOfFuel), Some(fuel), _) => return Outcome::FuelExhausted(fuel),
-            (Some(Trap::Interrupt), _, Some(timeout)) => return Outcome::DeadlineExceeded(timeout),
-            _ => {}
+    }
+}
+
+/// How a run (or a request) that failed with `error` ended, by the contract's causes.
+pub(crate) fn classify(error: wasmtime::Error, guard: &Guard, limits: &StoreLimits) -> Outcome {
+    if let Some(exit) = error.downcast_ref::<I32Exit>() {
+        return Outcome::Exited(exit.0);
+    }
+    let trap = error.downcast_ref::<Trap>().copied();
+    match (trap, &limits.fuel, &limits.timeout) {
+        (Some(Trap::OutOfFuel), Some(fuel), _) => return Outcome::FuelExhausted(fuel.clone()),
+        (Some(Trap::Interrupt), _, Some(timeout)) => {
+            return Outcome::DeadlineExceeded(timeout.clone());
         }
-        if let Some(refused) = &guard.refused {
-            return Outcome::MemoryLimit {
-                limit: refused
-                    .by_memory_limit
-                    .then_some(self.policy.memory)
-                    .flatten(),
-                refused: refused.what.clone(),
-            };
-        }
-        let place = error
-            .downcast_ref::<WasmBacktrace>()
-            .and_then(|backtrace| backtrace.frames().first())
-            .and_then(|frame| frame.func_name().map(|name| format!(" (in {name})")))
-            .unwrap_or_default();
-        match trap {
-            Some(trap) => Outcome::Trapped(format!("{trap}{place}")),
-            None => Outcome::Trapped(format!("{error}")),
-        }
+        _ => {}
+    }
+    if let Some(refused) = &guard.refused {
+        return Outcome::MemoryLimit {
+            limit: refused
+                .by_memory_limit
+                .then(|| limits.memory.clone())
+                .flatten(),
+            refused: refused.what.clone(),
+        };
+    }
+    let place = error
+        .downcast_ref::<WasmBacktrace>()
+        .and_then(|backtrace| backtrace.frames().first())
+        .and_then(|frame| frame.func_name().map(|name| format!(" (in {name})")))
+        .unwrap_or_default();
+    match trap {
+        Some(trap) => Outcome::Trapped(format!("{trap}{place}")),
+        None => Outcome::Trapped(format!("{error}")),
     }
 }
 
@@ -638,7 +696,7 @@ impl WasiView for ComponentHost {
 /// The per-store resource limiter: caps all linear memory of the instance together (a
 /// component's several memories included) and its table elements, and remembers a
 /// refusal so the outcome can say that the guest died of it.
-struct Guard {
+pub(crate) struct Guard {
     memory_cap: Option<u64>,
     memory_in_use: u64,
     tables_in_use: usize,
@@ -652,8 +710,18 @@ struct Refusal {
 
 impl Guard {
     fn new(policy: &Policy) -> Guard {
+        Guard::with_cap(policy.memory.as_ref().map(|limit| limit.value))
+    }
+
+    /// Bytes of linear memory (and table elements' worth) the instance holds now.
+    pub(crate) fn peak(&self) -> u64 {
+        self.memory_in_use
+    }
+
+    /// A guard that caps all memory of an instance at `memory_cap` bytes.
+    pub(crate) fn with_cap(memory_cap: Option<u64>) -> Guard {
         Guard {
-            memory_cap: policy.memory.map(|limit| limit.value),
+            memory_cap,
             memory_in_use: 0,
             tables_in_use: 0,
             refused: None,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use bulwark_runtime::cache::DEFAULT_CACHE_DIR;
 use bulwark_runtime::config::NodeConfig;
-use bulwark_runtime::engine::detect_kind;
+use bulwark_runtime::engine::{WasmKind, detect_kind};
 use bulwark_runtime::policy::{Access, Policy, Request};
 
 use crate::cgroup::{Cgroup, Resources};
@@ -71,7 +71,13 @@ pub fn prepare(
         return Ok(Prepared::Native);
     }
     let module = module?;
-    check_module(&head.unwrap_or_default(), entrypoint)?;
+    let head = head.unwrap_or_default();
+    check_module(&head, entrypoint)?;
+    let serve = serves_http(&module, &head)?;
+    if serve {
+        // Refused here, with the annotations' names, rather than when it starts.
+        policy.serving().map_err(|e| e.to_string())?;
+    }
     let (planned, preopens) = open_preopens(bundle, spec, &policy)?;
     let termination_log = open_termination_log(spec)?;
     let plan = Plan {
@@ -85,6 +91,7 @@ pub fn prepare(
         termination_log: termination_log.is_some(),
         user: spec.user.clone(),
         policy,
+        serve,
     };
     let plan_path = bundle.join(PLAN_FILE);
     plan.write(&plan_path).map_err(|e| format!("{e:#}"))?;
@@ -127,7 +134,8 @@ fn resolve_policy(spec: &ContainerSpec, config: &NodeConfig) -> Result<Policy, S
         .annotations
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()));
-    let request = Request::from_annotations(annotations).map_err(|e| e.to_string())?;
+    let request =
+        Request::from_annotations(annotations, spec.container_name()).map_err(|e| e.to_string())?;
     let mut policy = Policy::resolve(config, &request).map_err(|e| e.to_string())?;
     if let Some(limit) = spec.memory_limit.filter(|limit| *limit > 0) {
         policy.bound_by_container_memory(limit as u64);
@@ -174,6 +182,20 @@ fn read_head(module: &File) -> Vec<u8> {
     let mut head = [0u8; 8];
     let read = module.read_at(&mut head, 0).unwrap_or(0);
     head[..read].to_vec()
+}
+
+/// Whether the module is a component that exports wasi:http/incoming-handler (served, not
+/// run): read whole, from the descriptor the workload gets.
+fn serves_http(module: &File, head: &[u8]) -> Result<bool, String> {
+    if detect_kind(head) != Ok(WasmKind::Component) {
+        return Ok(false);
+    }
+    let length = module.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut wasm = vec![0; length as usize];
+    module
+        .read_exact_at(&mut wasm, 0)
+        .map_err(|e| format!("cannot read the module: {e}"))?;
+    Ok(bulwark_runtime::engine::serves_http(&wasm))
 }
 
 /// Refuses entrypoints that are not WebAssembly (on a node that allows no native

@@ -43,7 +43,10 @@ pub fn lock_down(
     become_user(plan)?;
     clear_capabilities()?;
     crate::spawn::die_with_parent(shim).context("cannot tie this workload to its shim")?;
-    crate::seccomp::install(!plan.policy.network.is_empty())?;
+    crate::seccomp::install(crate::seccomp::Needs {
+        network: !plan.policy.network.is_empty(),
+        serving: plan.serve,
+    })?;
     Ok(())
 }
 

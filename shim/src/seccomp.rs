@@ -115,6 +115,32 @@ const NETWORK: &[i64] = &[
     libc::SYS_shutdown,
 ];
 
+/// Serving a wasi:http component on sockets bound before the lock-down: listening,
+/// accepting and talking on them; no new sockets but through [`NETWORK`] grants.
+const SERVING: &[i64] = &[
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+];
+
+/// What the workload needs beyond computing and its files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Outbound TCP to granted destinations.
+    pub network: bool,
+    /// Serving HTTP on already-bound sockets.
+    pub serving: bool,
+}
+
 /// `fcntl` commands: descriptor and status flags, duplication, and the seals Wasmtime puts
 /// on memory images. No locks, leases, signals-on-I/O, owners or pipe sizes.
 const FCNTL_COMMANDS: &[libc::c_int] = &[
@@ -143,10 +169,13 @@ const IOCTL_REQUESTS: &[libc::c_ulong] = &[
 const PRCTL_OPTIONS: &[libc::c_int] = &[libc::PR_SET_NAME, libc::PR_GET_NAME, libc::PR_SET_VMA];
 
 /// Builds the allow-list filter for a process whose pid is `pid`.
-pub fn filter(network: bool, pid: libc::pid_t) -> Result<BpfProgram, SeccompError> {
+pub fn filter(needs: Needs, pid: libc::pid_t) -> Result<BpfProgram, SeccompError> {
     let error = |e: seccompiler::BackendError| SeccompError(e.to_string());
+    let network = needs.network;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for syscall in ALWAYS.iter().chain(if network { NETWORK } else { &[] }) {
+    let granted: &[i64] = if network { NETWORK } else { &[] };
+    let serving: &[i64] = if needs.serving { SERVING } else { &[] };
+    for syscall in ALWAYS.iter().chain(granted).chain(serving) {
         rules.insert(*syscall, Vec::new());
     }
     // The arguments filtered on are C ints (or, for ioctl, an int-sized request): compare
@@ -187,6 +216,10 @@ pub fn filter(network: bool, pid: libc::pid_t) -> Result<BpfProgram, SeccompErro
         libc::SYS_prctl,
         one_of(0, &mut PRCTL_OPTIONS.iter().map(|&o| o as u64))?,
     );
+    // A connected pair of AF_UNIX sockets reaches nothing but itself; Tokio (under WASI
+    // preview 2 and the HTTP server) makes one for its signal driver when a runtime starts.
+    let unix = rule(vec![arg(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?;
+    rules.insert(libc::SYS_socketpair, vec![unix]);
     if network {
         // TCP over IPv4 or IPv6 (the type may carry SOCK_NONBLOCK and SOCK_CLOEXEC).
         let stream = libc::SOCK_STREAM as u64;
@@ -215,9 +248,9 @@ pub fn filter(network: bool, pid: libc::pid_t) -> Result<BpfProgram, SeccompErro
 }
 
 /// Installs the filter on every thread of the process.
-pub fn install(network: bool) -> Result<(), SeccompError> {
+pub fn install(needs: Needs) -> Result<(), SeccompError> {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
-    seccompiler::apply_filter_all_threads(&filter(network, pid)?)
+    seccompiler::apply_filter_all_threads(&filter(needs, pid)?)
         .map_err(|e| SeccompError(e.to_string()))
 }

@@ -79,6 +79,9 @@ pub struct Plan {
     pub termination_log: bool,
     /// The container's user.
     pub user: User,
+    /// Whether the module is a wasi:http component, served rather than run.
+    #[serde(default)]
+    pub serve: bool,
 }
 
 impl Plan {
@@ -293,30 +296,23 @@ pub fn main(plan_path: &Path) -> i32 {
     }
 }
 
+/// What the workload runs: a program to its end, or a wasi:http service.
+enum Loaded {
+    Program(bulwark_runtime::run::Loaded),
+    Service(
+        bulwark_runtime::serve::Service,
+        bulwark_runtime::serve::Listeners,
+    ),
+}
+
 fn run(plan_path: &Path) -> Result<i32> {
     // SAFETY: getppid has no preconditions. The shim checked it was our parent before exec.
     let shim = unsafe { libc::getppid() };
     wait_at_gate()?;
     let plan = Plan::read(plan_path)?;
-    let wasm = read_module(&plan.entrypoint)?;
-    let cache = match ModuleCache::open(&plan.cache_dir) {
-        Ok(cache) => Some(cache),
-        Err(error) => {
-            log::warn!("{error}; compiling without the cache");
-            None
-        }
-    };
-    let runtime = Runtime::new(RuntimeOptions {
-        cache,
-        parallel_compilation: false,
-        ..RuntimeOptions::default()
-    });
-    let loaded = runtime
-        .load(&plan.policy, &wasm)
-        .with_context(|| plan.entrypoint.clone())?;
-    drop(wasm);
-    // The cache's key must not outlive loading: the guest may not forge entries.
-    drop(runtime);
+    let loaded = load(&plan)?;
+    // The cache's key did not outlive loading (the runtime is dropped): the guest may not
+    // forge entries. Nor may anything of it be left on the stack.
     crate::lockdown::scrub_stack();
 
     let preopens = inherited_descriptors(&plan)?;
@@ -353,8 +349,39 @@ fn run(plan_path: &Path) -> Result<i32> {
             .as_ref()
             .map(|log| PathBuf::from(format!("/proc/self/fd/{}", log.as_raw_fd()))),
     };
-    let outcome = loaded.run(&workload, &report)?;
-    Ok(outcome.exit_code())
+    match loaded {
+        Loaded::Program(program) => Ok(program.run(&workload, &report)?.exit_code()),
+        Loaded::Service(service, listeners) => Ok(service.serve(listeners, workload)?),
+    }
+}
+
+/// Loads the module through the node cache (then dropped, key and all) and, for a
+/// service, binds its addresses in the pod's network namespace: before the lock-down, so a
+/// port below 1024 can be had, but not yet listening (that waits for a first instance).
+fn load(plan: &Plan) -> Result<Loaded> {
+    let wasm = read_module(&plan.entrypoint)?;
+    let cache = match ModuleCache::open(&plan.cache_dir) {
+        Ok(cache) => Some(cache),
+        Err(error) => {
+            log::warn!("{error}; compiling without the cache");
+            None
+        }
+    };
+    let runtime = Runtime::new(RuntimeOptions {
+        cache,
+        parallel_compilation: false,
+        ..RuntimeOptions::default()
+    });
+    let entrypoint = || plan.entrypoint.clone();
+    if !plan.serve {
+        let program = runtime.load(&plan.policy, &wasm).with_context(entrypoint)?;
+        return Ok(Loaded::Program(program));
+    }
+    let service = runtime
+        .load_service(&plan.policy, &wasm)
+        .with_context(entrypoint)?;
+    let listeners = bulwark_runtime::serve::Listeners::bind(service.serving())?;
+    Ok(Loaded::Service(service, listeners))
 }
 
 fn read_module(entrypoint: &str) -> Result<Vec<u8>> {

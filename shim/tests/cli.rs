@@ -612,7 +612,12 @@ fn bad_node_configs_are_errors() {
         path(&guest("hello")),
     ]);
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains("no such file"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("cannot read node configuration /nonexistent/config.toml: No such file"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

@@ -89,6 +89,7 @@ impl Setup {
             cache_dir: self.path().join("cache"),
             termination_log: true,
             user: self.user.clone(),
+            serve: false,
         };
         let path = self.path().join("plan.json");
         plan.write(&path).unwrap();

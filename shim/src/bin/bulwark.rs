@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use bulwark_runtime::cache::{CacheEvent, DEFAULT_CACHE_DIR, ModuleCache};
-use bulwark_runtime::policy::{Knob, LimitSource};
+use bulwark_runtime::policy::Knob;
 use bulwark_runtime::run::{Preopen, Report};
 use bulwark_runtime::{NodeConfig, Policy, Request, Runtime, RuntimeOptions, Workload};
 
@@ -41,6 +41,15 @@ enum Command {
             bulwark run --dir /srv/data:ro --dir /tmp/out:rw --env LANG=C --env HOME app.wasm"
     )]
     Run(RunArgs),
+    /// Serve a wasi:http component: a fresh instance per request, with the policy's fuel
+    /// and deadline per request and its memory limit per instance
+    #[command(
+        after_help = "A limit ends only its request: 504 for the deadline, 500 for fuel, memory or \
+            a trap, with the header bulwark-limit and the reason as the body. SIGTERM drains the \
+            requests in flight, then exits 0; SIGINT exits at once.\n\n\
+            Example:\n  bulwark serve --timeout 2s --memory 32Mi --listen 127.0.0.1:8080 app.wasm"
+    )]
+    Serve(ServeArgs),
     /// Precompile modules into the node's cache, so their first run starts fast
     Compile(CompileArgs),
     /// Install Bulwark on this node: the shim, /etc/bulwark/config.toml and the bulwark
@@ -194,8 +203,9 @@ struct CacheArgs {
     cache_dir: PathBuf,
 }
 
+/// The policy flags `run` and `serve` share: the same knobs as a pod's annotations.
 #[derive(Args)]
-struct RunArgs {
+struct PolicyArgs {
     /// Fuel budget for the run (Wasmtime fuel units); out of fuel exits 152
     #[arg(long, value_name = "N")]
     fuel: Option<String>,
@@ -223,10 +233,42 @@ struct RunArgs {
     /// Compile in memory; do not read or write the cache
     #[arg(long)]
     no_cache: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// The WebAssembly module (WASI preview 1) or component (WASI preview 2 command)
     #[arg(value_name = "MODULE")]
     module: PathBuf,
     /// Arguments for the workload (after MODULE, or after --)
+    #[arg(
+        value_name = "ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    args: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Where to listen: PORT, IP:PORT or [IPv6]:PORT [default: 0.0.0.0:8080]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Requests in flight at most; more wait for a slot up to their deadline, then get 503
+    /// [default: from the memory budget, else 64]
+    #[arg(long, value_name = "N")]
+    concurrency: Option<String>,
+    /// Serve Prometheus metrics at /metrics on this address (PORT, IP:PORT, [IPv6]:PORT)
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// The component: it exports wasi:http/incoming-handler (the wasi:http/proxy world)
+    #[arg(value_name = "COMPONENT")]
+    component: PathBuf,
+    /// Arguments for each instance (after COMPONENT, or after --)
     #[arg(
         value_name = "ARGS",
         trailing_var_arg = true,
@@ -254,6 +296,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => serve(args),
         Command::Compile(args) => compile(args),
         Command::Image(ImageCommand::Build(args)) => build_image(args),
         Command::Image(ImageCommand::Push(args)) => push_image(args),
@@ -279,12 +322,22 @@ fn input(message: impl std::fmt::Display) -> anyhow::Error {
     InputError(message.to_string()).into()
 }
 
-fn run(args: RunArgs) -> Result<ExitCode> {
-    let config = match &args.config {
-        Some(path) if !path.exists() => {
-            return Err(input(format!("--config {}: no such file", path.display())));
-        }
-        Some(path) => NodeConfig::load(path).map_err(input)?,
+/// What `run` and `serve` set up from their flags.
+struct Prepared {
+    policy: Policy,
+    wasm: Vec<u8>,
+    workload: Workload,
+    runtime: Runtime,
+}
+
+fn prepare(
+    flags: &PolicyArgs,
+    extra: &[(Knob, &Option<String>)],
+    module: &Path,
+    args: &[OsString],
+) -> Result<Prepared> {
+    let config = match &flags.config {
+        Some(path) => NodeConfig::load_required(path).map_err(input)?,
         // A laptop is its own admin: no ceilings, and grants are the user's to make.
         None => {
             let mut config = NodeConfig::default();
@@ -293,23 +346,23 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         }
     };
     let mut request = Request::flags();
-    let knobs = [
-        (Knob::Fuel, args.fuel.as_slice()),
-        (Knob::Timeout, args.timeout.as_slice()),
-        (Knob::Memory, args.memory.as_slice()),
-        (Knob::Dirs, args.dirs.as_slice()),
-        (Knob::Network, args.network.as_slice()),
+    let mut knobs = vec![
+        (Knob::Fuel, flags.fuel.as_slice()),
+        (Knob::Timeout, flags.timeout.as_slice()),
+        (Knob::Memory, flags.memory.as_slice()),
+        (Knob::Dirs, flags.dirs.as_slice()),
+        (Knob::Network, flags.network.as_slice()),
     ];
+    knobs.extend(extra.iter().map(|(knob, value)| (*knob, value.as_slice())));
     for (knob, values) in knobs {
         for value in values {
             request.set(knob, value).map_err(input)?;
         }
     }
     let policy = Policy::resolve(&config, &request).map_err(input)?;
-
-    let wasm = read_module(&args.module)?;
-    let mut argv = vec![args.module.display().to_string()];
-    for arg in &args.args {
+    let wasm = read_module(module)?;
+    let mut argv = vec![module.display().to_string()];
+    for arg in args {
         argv.push(
             arg.to_str()
                 .ok_or_else(|| input(format!("argument {arg:?} is not valid UTF-8")))?
@@ -318,7 +371,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let workload = Workload {
         args: argv,
-        env: policy.filter_env(guest_env(&args.env)?),
+        env: policy.filter_env(guest_env(&flags.env)?),
         preopens: Preopen::same_path(&policy.dirs),
         inherit_stdio: true,
     };
@@ -330,31 +383,68 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             )));
         }
     }
-
-    let cache = if args.no_cache {
+    let cache = if flags.no_cache {
         None
     } else {
-        open_cache_or_warn(&args.cache.cache_dir)
+        open_cache_or_warn(&flags.cache.cache_dir)
     };
     let runtime = Runtime::new(RuntimeOptions {
         cache,
         ..RuntimeOptions::default()
     });
-    let loaded = runtime
-        .load(&policy, &wasm)
-        .map_err(|error| input(format!("{}: {error}", args.module.display())))?;
     log::debug!(
-        "policy: fuel {:?}, timeout {:?}, memory {:?} ({})",
-        policy.fuel.map(|l| l.value),
-        policy.timeout.map(|l| l.value),
-        policy.memory.map(|l| l.value),
-        policy.memory.map_or(LimitSource::NodeDefault, |l| l.source)
+        "policy: fuel {:?}, timeout {:?}, memory {:?}",
+        policy.fuel,
+        policy.timeout,
+        policy.memory
     );
+    Ok(Prepared {
+        policy,
+        wasm,
+        workload,
+        runtime,
+    })
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let prepared = prepare(&args.policy, &[], &args.module, &args.args)?;
+    let shown = args.module.display();
+    if bulwark_runtime::engine::serves_http(&prepared.wasm) {
+        return Err(input(format!(
+            "{shown}: a wasi:http component is a service, not a program to run: serve it with `bulwark serve`"
+        )));
+    }
+    let loaded = prepared
+        .runtime
+        .load(&prepared.policy, &prepared.wasm)
+        .map_err(|error| input(format!("{shown}: {error}")))?;
     let outcome = loaded
-        .run(&workload, &Report::default())
-        .map_err(|error| input(format!("{}: {error}", args.module.display())))?;
+        .run(&prepared.workload, &Report::default())
+        .map_err(|error| input(format!("{shown}: {error}")))?;
     // Exit codes are a byte; a guest's proc_exit(256) wraps as a shell would show it.
     Ok(ExitCode::from(outcome.exit_code() as u8))
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let extra = [
+        (Knob::Listen, &args.listen),
+        (Knob::Concurrency, &args.concurrency),
+        (Knob::Metrics, &args.metrics),
+    ];
+    let prepared = prepare(&args.policy, &extra, &args.component, &args.args)?;
+    let shown = args.component.display();
+    if !bulwark_runtime::engine::serves_http(&prepared.wasm) {
+        return Err(input(format!(
+            "{shown}: not a wasi:http component (it exports no wasi:http/incoming-handler): run it with `bulwark run`"
+        )));
+    }
+    let service = prepared
+        .runtime
+        .load_service(&prepared.policy, &prepared.wasm)
+        .map_err(|error| input(format!("{shown}: {error}")))?;
+    let listeners = bulwark_runtime::serve::Listeners::bind(service.serving()).map_err(input)?;
+    let code = service.serve(listeners, prepared.workload)?;
+    Ok(ExitCode::from(code as u8))
 }
 
 /// The guest's environment from `--env` flags: `NAME=VALUE` sets, `NAME` passes this

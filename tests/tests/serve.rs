@@ -1,0 +1,400 @@
+//! `bulwark serve`, end to end: the real binary serving the httpd component from
+//! `make components` on loopback. The same server the shim runs for a serving pod, so these
+//! cover what is hard to see through CRI: readiness, each limit as the client sees it,
+//! SIGTERM's drain and the second signal, and inputs that must be refused.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bulwark_tests::harness::node::bulwark_binary;
+use bulwark_tests::http::{HttpResponse, get, wait_listening};
+use tempfile::TempDir;
+
+const REQUEST: Duration = Duration::from_secs(20);
+
+/// The small component: C against the canonical ABI (images/guests/httpd.c).
+fn httpd() -> PathBuf {
+    component("httpd")
+}
+
+/// A component from `make components`.
+fn component(name: &str) -> PathBuf {
+    let path = bulwark_tests::build_dir().join(format!("components/{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `make components` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback address nothing listens on now.
+fn free_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+}
+
+/// `bulwark serve` running in the background; killed (by its PID) when dropped.
+struct Server {
+    child: Child,
+    address: SocketAddr,
+    stderr: PathBuf,
+    _temp: TempDir,
+}
+
+impl Server {
+    /// Starts `bulwark serve FLAGS --listen ADDRESS httpd.wasm` without waiting for it.
+    fn spawn(flags: &[&str]) -> Server {
+        Server::spawn_component(&httpd(), flags)
+    }
+
+    /// Starts `bulwark serve FLAGS --listen ADDRESS COMPONENT` without waiting for it.
+    fn spawn_component(component: &Path, flags: &[&str]) -> Server {
+        let temp = tempfile::tempdir().unwrap();
+        let address = free_address();
+        let stderr = temp.path().join("stderr");
+        let child = Command::new(bulwark_binary().unwrap())
+            .env_clear()
+            .env("BULWARK_CACHE_DIR", temp.path().join("cache"))
+            .arg("serve")
+            .args(flags)
+            .args(["--listen", &address.to_string()])
+            .arg(component)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Server {
+            child,
+            address,
+            stderr,
+            _temp: temp,
+        }
+    }
+
+    /// Starts a server and waits until it accepts connections.
+    fn start(flags: &[&str]) -> Server {
+        Server::ready(Server::spawn(flags), REQUEST)
+    }
+
+    /// Waits until `server` accepts connections, for up to `timeout`.
+    fn ready(mut server: Server, timeout: Duration) -> Server {
+        if let Err(error) = wait_listening(server.address, timeout) {
+            let status = server.child.try_wait();
+            panic!("{error}; status {status:?}; stderr:\n{}", server.stderr());
+        }
+        server
+    }
+
+    fn get(&self, path: &str) -> anyhow::Result<HttpResponse> {
+        get(self.address, path, REQUEST)
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) with our own child's pid, which it stays until waited for.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bulwark serve still runs after {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Fails unless a limit answered as the contract says.
+fn assert_limit(response: &HttpResponse, status: u16, kind: &str, reason: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_eq!(response.header("bulwark-limit"), Some(kind), "{response:?}");
+    assert!(response.body.starts_with(reason), "{response:?}");
+}
+
+#[test]
+fn each_limit_ends_only_its_own_request() {
+    let metrics = free_address();
+    let server = Server::start(&[
+        "--fuel",
+        "100000000",
+        "--timeout",
+        "2s",
+        "--memory",
+        "16Mi",
+        "--metrics",
+        &metrics.to_string(),
+    ]);
+    let hello = server.get("/").unwrap();
+    assert_eq!(
+        (hello.status, hello.body.as_str()),
+        (200, "hello from bulwark\n")
+    );
+    assert_limit(
+        &server.get("/loop").unwrap(),
+        500,
+        "fuel",
+        "fuel exhausted after 100000000 units (--fuel)",
+    );
+    // Sleeping burns no fuel: the deadline ends it.
+    assert_limit(
+        &server.get("/sleep/60000").unwrap(),
+        504,
+        "timeout",
+        "deadline of 2s exceeded (--timeout)",
+    );
+    assert_limit(
+        &server.get("/grow").unwrap(),
+        500,
+        "memory",
+        "memory limit of 16Mi reached (--memory)",
+    );
+    assert_limit(&server.get("/trap").unwrap(), 500, "trap", "trapped: ");
+    // Headers already sent: the connection is aborted rather than completed with a lie.
+    let partial = server.get("/partial");
+    assert!(partial.is_err(), "{partial:?}");
+    let missing = server.get("/nothing-here").unwrap();
+    assert_eq!(missing.status, 404);
+    // And the server carries on, every instance fresh.
+    assert_eq!(server.get("/").unwrap().status, 200);
+
+    let stderr = server.stderr();
+    for line in [
+        "GET /loop: fuel exhausted after 100000000 units (--fuel)",
+        "GET /sleep/60000: deadline of 2s exceeded (--timeout)",
+        "GET /grow: memory limit of 16Mi reached (--memory)",
+        "GET /trap: trapped",
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("bulwark: request ") && l.contains(line)),
+            "{line}: {stderr}"
+        );
+    }
+    let scraped = get(metrics, "/metrics", REQUEST).unwrap();
+    assert_eq!(scraped.status, 200);
+    for line in [
+        // The broken-off response counts by the head it sent.
+        "bulwark_requests_total{status=\"200\"} 3",
+        "bulwark_requests_total{status=\"404\"} 1",
+        "bulwark_requests_total{status=\"504\"} 1",
+        "bulwark_limits_total{kind=\"fuel\"} 1",
+        "bulwark_limits_total{kind=\"timeout\"} 1",
+        "bulwark_limits_total{kind=\"memory\"} 1",
+        "bulwark_limits_total{kind=\"trap\"} 2",
+        "bulwark_in_flight 0",
+    ] {
+        assert!(
+            scraped.body.lines().any(|l| l == line),
+            "{line}: {}",
+            scraped.body
+        );
+    }
+    assert!(
+        scraped
+            .body
+            .contains("bulwark_instantiation_seconds_bucket"),
+        "{}",
+        scraped.body
+    );
+}
+
+#[test]
+fn sigterm_drains_the_request_in_flight_then_exits_zero() {
+    let mut server = Server::start(&["--timeout", "10s"]);
+    let address = server.address;
+    let slow = std::thread::spawn(move || get(address, "/sleep/1500", REQUEST));
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal(libc::SIGTERM);
+    // No new connections once draining.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        TcpStream::connect_timeout(&address, Duration::from_millis(500)).is_err(),
+        "a draining server accepted a connection"
+    );
+    let answered = slow.join().unwrap().unwrap();
+    assert_eq!(
+        (answered.status, answered.body.as_str()),
+        (200, "slept 1500 ms\n")
+    );
+    let status = server.wait(REQUEST);
+    assert_eq!(status.code(), Some(0), "{}", server.stderr());
+    assert!(
+        server.stderr().contains("every request finished"),
+        "{}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn a_second_sigterm_or_a_sigint_ends_the_server_at_once() {
+    for (second, code) in [(libc::SIGTERM, 128 + 15), (libc::SIGINT, 128 + 2)] {
+        let mut server = Server::start(&[]);
+        let address = server.address;
+        let slow = std::thread::spawn(move || get(address, "/sleep/30000", REQUEST));
+        std::thread::sleep(Duration::from_millis(300));
+        server.signal(libc::SIGTERM);
+        std::thread::sleep(Duration::from_millis(200));
+        server.signal(second);
+        let started = Instant::now();
+        let status = server.wait(Duration::from_secs(5));
+        assert_eq!(status.code(), Some(code), "{}", server.stderr());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(slow.join().unwrap().is_err(), "the slow request completed");
+    }
+}
+
+#[test]
+fn concurrency_beyond_the_cap_waits_then_gets_503() {
+    let server = Server::start(&["--concurrency", "1", "--timeout", "1s"]);
+    let address = server.address;
+    let requests: Vec<_> = (0..3)
+        .map(|_| std::thread::spawn(move || get(address, "/sleep/3000", REQUEST)))
+        .collect();
+    let statuses: Vec<HttpResponse> = requests
+        .into_iter()
+        .map(|request| request.join().unwrap().unwrap())
+        .collect();
+    let refused: Vec<_> = statuses.iter().filter(|r| r.status == 503).collect();
+    assert!(refused.len() >= 2, "{statuses:?}");
+    for response in refused {
+        assert_eq!(response.header("retry-after"), Some("1"), "{response:?}");
+        assert!(
+            response.body.contains("all 1 instances were busy"),
+            "{response:?}"
+        );
+    }
+    // The slot frees: the next request is served.
+    assert_eq!(server.get("/").unwrap().status, 200);
+}
+
+#[test]
+fn a_component_that_cannot_instantiate_never_listens() {
+    // A memory limit below the component's initial memory: the first instantiation fails,
+    // so nothing ever accepts a connection and readiness never passes.
+    let mut server = Server::spawn(&["--memory", "64Ki"]);
+    let status = server.wait(REQUEST);
+    assert!(!status.success(), "{}", server.stderr());
+    let stderr = server.stderr();
+    assert!(
+        stderr
+            .contains("cannot instantiate the component: memory limit of 64Ki reached (--memory)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("serving on"), "{stderr}");
+    assert!(TcpStream::connect_timeout(&server.address, Duration::from_millis(200)).is_err());
+}
+
+#[test]
+fn bad_serving_input_is_refused_with_the_flag_and_value() {
+    let run = |args: &[&str], component: &Path| {
+        let temp = tempfile::tempdir().unwrap();
+        Command::new(bulwark_binary().unwrap())
+            .env_clear()
+            .env("BULWARK_CACHE_DIR", temp.path().join("cache"))
+            .arg("serve")
+            .args(args)
+            .arg(component)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let httpd = httpd();
+    for (flags, expected) in [
+        (
+            &["--listen", "localhost:80"][..],
+            "--listen: \"localhost:80\"",
+        ),
+        (&["--listen", "0"][..], "--listen: \"0\""),
+        (&["--metrics", "http"][..], "--metrics: \"http\""),
+        (&["--concurrency", "0"][..], "--concurrency: \"0\""),
+        (&["--concurrency", "many"][..], "--concurrency: \"many\""),
+    ] {
+        let output = run(flags, &httpd);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
+
+    // An address someone else holds: named, and exit 2.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let output = run(&["--listen", &address], &httpd);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&address), "{stderr}");
+
+    // A command is not a service, and a service is not a command.
+    let hello = bulwark_tests::build_dir().join("components/hello.wasm");
+    let output = run(&[], &hello);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a wasi:http component"), "{stderr}");
+    let temp = tempfile::tempdir().unwrap();
+    let output = Command::new(bulwark_binary().unwrap())
+        .env_clear()
+        .env("BULWARK_CACHE_DIR", temp.path().join("cache"))
+        .arg("run")
+        .arg(&httpd)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bulwark serve"), "{stderr}");
+}
+
+#[test]
+fn a_big_python_component_serves_under_the_same_limits() {
+    // CPython inside (componentize-py, ~18 MB): compiling it cold takes a while.
+    let python = component("pyhttp");
+    assert!(std::fs::metadata(&python).unwrap().len() > 10 << 20);
+    let server = Server::ready(
+        Server::spawn_component(&python, &["--timeout", "2s", "--memory", "64Mi"]),
+        Duration::from_secs(300),
+    );
+    let hello = server.get("/").unwrap();
+    assert_eq!(
+        (hello.status, hello.body.as_str()),
+        (200, "hello from python\n")
+    );
+    assert_limit(
+        &server.get("/loop").unwrap(),
+        504,
+        "timeout",
+        "deadline of 2s exceeded (--timeout)",
+    );
+    assert_limit(
+        &server.get("/grow/200").unwrap(),
+        500,
+        "memory",
+        "memory limit of 64Mi reached (--memory)",
+    );
+    let held = server.get("/grow/8").unwrap();
+    assert_eq!((held.status, held.body.as_str()), (200, "held 8 MiB\n"));
+    assert_eq!(server.get("/missing").unwrap().status, 404);
+}
