@@ -262,6 +262,22 @@ impl Node {
         self.push_module(&module, &repo, format, None)
     }
 
+    /// Pushes a component from `make components` (`build/components/NAME.wasm`, such as the
+    /// wasi:http guest `httpd`) in a format; returns its reference.
+    pub fn push_component(&self, name: &str, format: Format) -> Result<String> {
+        let component = crate::build_dir().join(format!("components/{name}.wasm"));
+        ensure!(
+            component.exists(),
+            "{} is missing: run `make components`",
+            component.display()
+        );
+        let repo = match format {
+            Format::Layer => format!("component-{name}"),
+            Format::Artifact => format!("component-artifact-{name}"),
+        };
+        self.push_module(&component, &repo, format, None)
+    }
+
     /// Pushes the module or component at `module` as `REGISTRY/repo:v1` with `bulwark image
     /// push`, its image running as `user` (`UID[:GID]`, layer format only) when given;
     /// returns its reference.

@@ -1,0 +1,369 @@
+//! Serving mode through CRI: wasi:http components as pods in their own network namespace,
+//! answering on their pod IP, with per-request limits, a concurrency cap, metrics,
+//! per-container annotations, outbound requests only where granted, and a drain on stop.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use bulwark_tests::harness::containerd;
+use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
+use bulwark_tests::harness::network::listen_in;
+use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node, NodeOptions, annotated};
+use bulwark_tests::http::{HttpResponse, get, wait_listening};
+
+use crate::{ONE_CONTAINERD, suite_containerd};
+
+/// How long one request may take in these tests (a slow VM included).
+const REQUEST: Duration = Duration::from_secs(30);
+
+/// A serving pod: its id, its IP and its containers' ids.
+struct ServingPod {
+    id: String,
+    ip: IpAddr,
+    containers: Vec<String>,
+}
+
+impl ServingPod {
+    /// Starts `containers` (name, listen port) of the httpd component, packaged as `format`,
+    /// in a pod with its own network and `annotations`, and waits until each one listens.
+    async fn start(
+        node: &Node,
+        format: Format,
+        name: &str,
+        annotations: &[(&str, &str)],
+        containers: &[(&str, u16)],
+    ) -> Result<ServingPod> {
+        let image = node.push_component("httpd", format)?;
+        node.cri.pull(&image).await?;
+        let pod = annotated(name, annotations)
+            .pod_network()
+            .runtime_handler(HANDLER);
+        let id = node.cri.run_pod(&pod).await?;
+        let ip = node.cri.pod_ip(&id).await?;
+        let mut ids = Vec::new();
+        for (container, port) in containers {
+            let mut spec = ContainerSpec::new(*container, image.clone());
+            if format == Format::Artifact {
+                // An artifact has no entrypoint: the pod names argv[0].
+                spec = spec.command(["httpd.wasm"]);
+            }
+            let container_id = node.cri.create_container(&id, &pod, &spec).await?;
+            node.cri.start_container(&container_id).await?;
+            let address = SocketAddr::new(ip, *port);
+            tokio::task::spawn_blocking(move || wait_listening(address, REQUEST)).await??;
+            ids.push(container_id);
+        }
+        Ok(ServingPod {
+            id,
+            ip,
+            containers: ids,
+        })
+    }
+
+    async fn get(&self, port: u16, path: &str) -> Result<HttpResponse> {
+        let address = SocketAddr::new(self.ip, port);
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || get(address, &path, REQUEST)).await?
+    }
+
+    /// The stderr lines of container `index`.
+    async fn stderr(&self, node: &Node, index: usize) -> Result<Vec<String>> {
+        Ok(node
+            .cri
+            .read_container_log(&self.containers[index])
+            .await?
+            .into_iter()
+            .filter(|line| line.stream == bulwark_tests::harness::cri::LogStream::Stderr)
+            .map(|line| line.text)
+            .collect())
+    }
+
+    async fn remove(self, node: &Node) -> Result<()> {
+        for id in &self.containers {
+            node.cri.stop_container(id, Duration::from_secs(5)).await?;
+            node.cri.remove_container(id).await?;
+        }
+        node.cri.stop_pod(&self.id).await?;
+        node.cri.remove_pod(&self.id).await
+    }
+}
+
+fn serving_config() -> String {
+    NODE_CONFIG.replace("allow_network = false", "allow_network = true")
+}
+
+/// Fails unless a limit answered as the contract says.
+fn assert_limit(response: &HttpResponse, status: u16, kind: &str, reason: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_eq!(response.header("bulwark-limit"), Some(kind), "{response:?}");
+    assert!(response.body.starts_with(reason), "{response:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasi_http_pod_answers_on_its_pod_ip_and_each_limit_ends_only_its_request() -> Result<()>
+{
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = Node::start_with(
+        NodeOptions::new(suite_containerd().await?, &serving_config()).pod_network(),
+    )
+    .await?;
+    let annotations = [
+        ("bulwark.dev/timeout", "1s"),
+        ("bulwark.dev/memory", "16Mi"),
+        ("bulwark.dev/metrics", "9090"),
+        // Two containers, two ports; one of them also counts fuel.
+        ("bulwark.dev/listen.api", "8081"),
+        ("bulwark.dev/listen.web", "8082"),
+        ("bulwark.dev/fuel.api", "100000000"),
+        ("bulwark.dev/metrics.web", "9091"),
+    ];
+    let pod = ServingPod::start(
+        &node,
+        Format::Layer,
+        "web",
+        &annotations,
+        &[("api", 8081), ("web", 8082)],
+    )
+    .await?;
+    let hello = pod.get(8081, "/").await?;
+    assert_eq!(
+        (hello.status, hello.body.as_str()),
+        (200, "hello from bulwark\n")
+    );
+
+    assert_limit(
+        &pod.get(8081, "/loop").await?,
+        500,
+        "fuel",
+        "fuel exhausted after 100000000 units (bulwark.dev/fuel.api)",
+    );
+    assert_limit(
+        &pod.get(8082, "/loop").await?,
+        504,
+        "timeout",
+        "deadline of 1s exceeded (bulwark.dev/timeout)",
+    );
+    assert_limit(
+        &pod.get(8082, "/grow").await?,
+        500,
+        "memory",
+        "memory limit of 16Mi reached (bulwark.dev/memory)",
+    );
+    assert_limit(
+        &pod.get(8082, "/trap").await?,
+        500,
+        "trap",
+        "trapped: wasm trap: wasm `unreachable` instruction executed",
+    );
+    let aborted = pod.get(8082, "/partial").await;
+    ensure!(
+        aborted.is_err(),
+        "a response the guest broke off arrived whole: {aborted:?}"
+    );
+    // The server carries on.
+    let after = pod.get(8082, "/").await?;
+    assert_eq!(after.status, 200);
+
+    let web = pod.stderr(&node, 1).await?;
+    for reason in [
+        "GET /loop: deadline of 1s exceeded (bulwark.dev/timeout)",
+        "GET /grow: memory limit of 16Mi reached (bulwark.dev/memory)",
+        "GET /partial: trapped",
+    ] {
+        assert!(
+            web.iter()
+                .any(|line| line.starts_with("bulwark: request ") && line.contains(reason)),
+            "{reason}: {web:?}"
+        );
+    }
+    let metrics = pod.get(9091, "/metrics").await?;
+    for line in [
+        "bulwark_requests_total{status=\"200\"} 2",
+        "bulwark_limits_total{kind=\"timeout\"} 1",
+        "bulwark_limits_total{kind=\"memory\"} 1",
+        "bulwark_in_flight 0",
+    ] {
+        assert!(
+            metrics.body.lines().any(|l| l == line),
+            "{line}: {}",
+            metrics.body
+        );
+    }
+    pod.remove(&node).await?;
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_cap_queues_then_refuses_and_stop_drains() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = Node::start_with(
+        NodeOptions::new(suite_containerd().await?, &serving_config()).pod_network(),
+    )
+    .await?;
+    let annotations = [
+        ("bulwark.dev/concurrency", "1"),
+        ("bulwark.dev/timeout", "1500ms"),
+    ];
+    let pod = ServingPod::start(
+        &node,
+        Format::Layer,
+        "capped",
+        &annotations,
+        &[("capped", 8080)],
+    )
+    .await?;
+    // One slot, four requests that would each hold it past the others' deadlines.
+    let requests = (0..4).map(|_| pod.get(8080, "/sleep/5000"));
+    let responses = futures::future::join_all(requests).await;
+    let refused: Vec<&HttpResponse> = responses
+        .iter()
+        .filter_map(|response| response.as_ref().ok())
+        .filter(|response| response.status == 503)
+        .collect();
+    ensure!(refused.len() >= 2, "{responses:?}");
+    for response in &refused {
+        assert_eq!(response.header("retry-after"), Some("1"), "{response:?}");
+    }
+
+    // StopContainer with a request in flight: it completes, then the server exits 0.
+    let slow = {
+        let address = SocketAddr::new(pod.ip, 8080);
+        tokio::task::spawn_blocking(move || get(address, "/sleep/1000", REQUEST))
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = &pod.containers[0];
+    node.cri.stop_container(id, Duration::from_secs(20)).await?;
+    let answered = slow.await??;
+    assert_eq!(
+        (answered.status, answered.body.as_str()),
+        (200, "slept 1000 ms\n")
+    );
+    let exit = node.cri.wait_exited(id, REQUEST).await?;
+    assert_eq!((exit.exit_code, exit.reason.as_str()), (0, "Completed"));
+    let stderr = pod.stderr(&node, 0).await?;
+    assert!(
+        stderr
+            .iter()
+            .any(|line| line.contains("every request finished")),
+        "{stderr:?}"
+    );
+    pod.remove(&node).await?;
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_requests_reach_granted_addresses_only() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = Node::start_with(
+        NodeOptions::new(suite_containerd().await?, &serving_config()).pod_network(),
+    )
+    .await?;
+    // An upstream in a pod of its own: the test answers HTTP inside its namespace.
+    let upstream_pod = PodSpec::new("upstream").pod_network();
+    node.cri.pull(&node.images.pause).await?;
+    let upstream_id = node.cri.run_pod(&upstream_pod).await?;
+    let upstream_ip = node.cri.pod_ip(&upstream_id).await?;
+    let info = node.cri.pod_info(&upstream_id).await?;
+    let netns = info["runtimeSpec"]["linux"]["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|ns| ns["type"] == "network")
+        .and_then(|ns| ns["path"].as_str())
+        .context("no netns")?
+        .to_owned();
+    let listener = listen_in(
+        std::path::Path::new(&netns),
+        SocketAddr::new(upstream_ip, 7080),
+    )?;
+    let upstream = std::thread::spawn(move || -> Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        let mut request = [0u8; 1024];
+        let _ = stream.read(&mut request)?;
+        stream.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")?;
+        Ok(())
+    });
+    let grant = format!("tcp:{upstream_ip}:7080");
+    let pod = ServingPod::start(
+        &node,
+        Format::Layer,
+        "client",
+        &[("bulwark.dev/network", &grant)],
+        &[("client", 8080)],
+    )
+    .await?;
+    let granted = pod
+        .get(8080, &format!("/fetch/{upstream_ip}:7080/"))
+        .await?;
+    assert_eq!(
+        (granted.status, granted.body.as_str()),
+        (200, "fetched 204\n")
+    );
+    upstream.join().expect("the upstream thread")?;
+    // Another port of the same address: wasi:http's HTTP-request-denied (case 15).
+    let denied = pod
+        .get(8080, &format!("/fetch/{upstream_ip}:7081/"))
+        .await?;
+    assert_eq!((denied.status, denied.body.as_str()), (502, "error 15\n"));
+    pod.remove(&node).await?;
+    node.cri.stop_pod(&upstream_id).await?;
+    node.cri.remove_pod(&upstream_id).await?;
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_that_cannot_fit_its_memory_limit_is_refused_at_start() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = Node::start(suite_containerd().await?, &serving_config()).await?;
+    let image = node.push_component("httpd", Format::Layer)?;
+    let container = ContainerSpec::new("big", image).memory_limit(64 << 20);
+    let error = node
+        .refused(
+            annotated(
+                "big",
+                &[
+                    ("bulwark.dev/concurrency", "10"),
+                    ("bulwark.dev/memory", "16Mi"),
+                ],
+            ),
+            container,
+        )
+        .await?;
+    assert!(
+        error.contains(
+            "bulwark.dev/concurrency: 10 instances of 16Mi each need 160Mi, more than the 48Mi"
+        ),
+        "{error}"
+    );
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_oci_wasm_artifact_answers_on_containerd_1_7() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let binary = tokio::task::spawn_blocking(|| containerd::fetch("1.7.24")).await??;
+    let node = Node::start_with(NodeOptions::new(binary, &serving_config()).pod_network()).await?;
+    let pod = ServingPod::start(
+        &node,
+        Format::Artifact,
+        "artifact",
+        &[("bulwark.dev/timeout", "1s")],
+        &[("httpd", 8080)],
+    )
+    .await?;
+    let hello = pod.get(8080, "/").await?;
+    assert_eq!(
+        (hello.status, hello.body.as_str()),
+        (200, "hello from bulwark\n")
+    );
+    assert_limit(
+        &pod.get(8080, "/sleep/5000").await?,
+        504,
+        "timeout",
+        "deadline of 1s exceeded (bulwark.dev/timeout)",
+    );
+    pod.remove(&node).await?;
+    node.finish().await
+}
