@@ -388,6 +388,9 @@ async fn accept_until_stopped(
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // A response goes out as soon as it is written: with Nagle's algorithm, a
+                // small response waits for the client's delayed ACK (40 ms) on keep-alive.
+                let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 let service = hyper::service::service_fn(move |request| {
                     handle(shared.clone(), request)
