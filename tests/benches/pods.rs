@@ -7,7 +7,10 @@
 //!    cache and with a cold one (the cache emptied before each round), and for a runc pod
 //!    running busybox `echo hello`; rounds interleaved so machine noise hits every variant
 //!    alike. Images are pulled beforehand. The full cycle (teardown included) is timed too.
-//! 2. Memory per running pod: PSS (`/proc/PID/smaps_rollup`) of every shim and all its
+//! 2. A serving pod's first answer: RunPodSandbox -> CreateContainer -> StartContainer ->
+//!    the first `200` from the httpd wasi:http component (connecting every 5 ms), with a
+//!    warm module cache.
+//! 3. Memory per running pod: PSS (`/proc/PID/smaps_rollup`) of every shim and all its
 //!    descendants with 10 and 50 sleeping pods, Bulwark's `sleep` guest next to busybox
 //!    `sleep` under runc.
 //!
@@ -229,6 +232,7 @@ async fn bench() -> Result<()> {
     let result = async {
         print_conditions(&node);
         start_to_exit(&node).await?;
+        first_response(&node).await?;
         memory_per_pod(&node).await
     }
     .await;
@@ -407,6 +411,65 @@ async fn start_to_exit(node: &Node) -> Result<()> {
             ms(median(&pick(cycles, |c| c.teardown))),
         );
     }
+    println!();
+    node.wait_no_shims().await
+}
+
+/// Rounds of the serving pod's first-answer measurement.
+const SERVING_ROUNDS: usize = 10;
+
+async fn first_response(node: &Node) -> Result<()> {
+    let image = node.push_component("httpd", Format::Layer)?;
+    node.cri.pull(&image).await?;
+    let container = ContainerSpec::new("httpd", image);
+    let mut samples = Vec::new();
+    // The first round compiles the component into the cache; it is not counted.
+    for round in 0..=SERVING_ROUNDS {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], 18_080 + round as u16));
+        let listen = address.to_string();
+        let pod = PodSpec::new(format!("bench-serving-{round}"))
+            .runtime_handler(BULWARK)
+            .annotation("bulwark.dev/listen", listen);
+        let began = Instant::now();
+        let pod_id = node.cri.run_pod(&pod).await?;
+        let id = node.cri.create_container(&pod_id, &pod, &container).await?;
+        start_container(&node.cri, &id).await?;
+        let answered = loop {
+            let response = tokio::task::spawn_blocking(move || {
+                bulwark_tests::http::get(address, "/", Duration::from_secs(5))
+            })
+            .await?;
+            if let Ok(response) = response
+                && response.status == 200
+            {
+                break began.elapsed();
+            }
+            ensure!(
+                began.elapsed() < CONTAINER_TIMEOUT,
+                "no answer from {address}: {}",
+                container_output(&node.cri, &id).await
+            );
+            tokio::time::sleep(POLL).await;
+        };
+        if round > 0 {
+            samples.push(answered);
+        }
+        node.cri
+            .stop_container(&id, Duration::from_secs(10))
+            .await?;
+        node.cri.remove_container(&id).await?;
+        node.cri.stop_pod(&pod_id).await?;
+        node.cri.remove_pod(&pod_id).await?;
+    }
+    println!(
+        "## 2. A serving pod's first answer through CRI: RunPodSandbox -> CreateContainer -> StartContainer -> first 200 from httpd.wasm"
+    );
+    println!(
+        "median {:.1} ms, p90 {:.1} ms ({SERVING_ROUNDS} pods one after another, module cache warm, connecting every {} ms; host network)",
+        ms(median(&samples)),
+        ms(percentile(&samples, 90.0)),
+        POLL.as_millis()
+    );
     println!();
     node.wait_no_shims().await
 }
@@ -680,7 +743,7 @@ async fn memory_per_pod(node: &Node) -> Result<()> {
 
     let mib = |kib: u64, pods: usize| kib as f64 / 1024.0 / pods as f64;
     println!(
-        "## 2. Memory per running pod: PSS of the shims and all their descendants (/proc/PID/smaps_rollup)"
+        "## 3. Memory per running pod: PSS of the shims and all their descendants (/proc/PID/smaps_rollup)"
     );
     println!(
         "| pod | pods | processes per pod | PSS per pod (MiB) | anon / file (MiB) | USS per pod (MiB) | RSS per pod (MiB) | all running after (s) |"

@@ -1,9 +1,14 @@
 //! Serving benchmark: `bulwark serve` on loopback under load from `wrk`, side by side in one
 //! run, without limits and with a deadline and a memory limit per request, and `wasmtime
 //! serve` (the peer, same Wasmtime version, no limits) where `make bench` built it into
-//! `build/wasmtime/`. Requests/s and p50/p99 at 1, 50 and 200 connections, the ratio of each
-//! to the first configuration, and per-request instantiation time from Bulwark's own
+//! `build/wasmtime/`; for the small C component and the big Python one. Requests/s and
+//! p50/p99 at 1, 50 and 200 connections, the ratio of each to the first row of the same
+//! component and connection count, and per-request instantiation time from Bulwark's own
 //! histogram. `BULWARK_BENCH_SECONDS` sets each load's length (default 10).
+//!
+//! Then density: `BULWARK_BENCH_IN_FLIGHT` (default 10,000) requests to a guest that waits
+//! 2 s, all sent at once to one server: how many were answered, how many were in flight at
+//! the peak (Bulwark's gauge) and the server's resident memory then, per instance.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -16,11 +21,13 @@ use bulwark_tests::http::{get, wait_listening};
 
 const CONNECTIONS: [u32; 3] = [1, 50, 200];
 
-/// One server under test: `PROGRAM serve FLAGS`.
+/// One server under test: `PROGRAM serve FLAGS COMPONENT`.
 struct Config {
     name: &'static str,
+    /// A component from `make components`.
+    component: &'static str,
     program: PathBuf,
-    flags: Vec<&'static str>,
+    flags: Vec<String>,
     /// Bulwark (its flags and metrics), or the peer.
     bulwark: bool,
 }
@@ -63,7 +70,7 @@ fn start(config: &Config, metrics: Option<SocketAddr>) -> Result<Running> {
         command.args(["--addr", &address.to_string()]);
     }
     command
-        .arg(component())
+        .arg(bulwark_tests::build_dir().join(format!("components/{}.wasm", config.component)))
         .env(
             "BULWARK_CACHE_DIR",
             std::env::temp_dir().join("bulwark-serve-bench-cache"),
@@ -78,10 +85,6 @@ fn start(config: &Config, metrics: Option<SocketAddr>) -> Result<Running> {
     wait_listening(address, Duration::from_secs(60))
         .with_context(|| format!("{} does not listen", config.name))?;
     Ok(running)
-}
-
-fn component() -> PathBuf {
-    bulwark_tests::build_dir().join("components/httpd.wasm")
 }
 
 fn wrk(address: SocketAddr, connections: u32, seconds: u64) -> Result<Load> {
@@ -184,29 +187,41 @@ fn bench() -> Result<()> {
         .and_then(|value| value.parse().ok())
         .unwrap_or(10);
     let bulwark = bulwark_binary()?;
-    let mut configs = vec![
-        Config {
-            name: "bulwark serve, no limits",
-            program: bulwark.clone(),
-            flags: vec![],
-            bulwark: true,
-        },
-        Config {
-            name: "bulwark serve, --timeout 10s --memory 16Mi",
-            program: bulwark,
-            flags: vec!["--timeout", "10s", "--memory", "16Mi"],
-            bulwark: true,
-        },
-    ];
     let peer = bulwark_tests::build_dir().join("wasmtime/bin/wasmtime");
-    if peer.exists() {
+    let mut configs = Vec::new();
+    for (component, memory) in [("httpd", "16Mi"), ("pyhttp", "64Mi")] {
         configs.push(Config {
-            name: "wasmtime serve (peer), no limits",
-            program: peer,
-            flags: vec![],
-            bulwark: false,
+            name: "bulwark serve, no limits",
+            component,
+            program: bulwark.clone(),
+            flags: Vec::new(),
+            bulwark: true,
         });
-    } else {
+        configs.push(Config {
+            name: if component == "httpd" {
+                "bulwark serve, --timeout 10s --memory 16Mi"
+            } else {
+                "bulwark serve, --timeout 10s --memory 64Mi"
+            },
+            component,
+            program: bulwark.clone(),
+            flags: ["--timeout", "10s", "--memory", memory]
+                .map(String::from)
+                .to_vec(),
+            bulwark: true,
+        });
+        if peer.exists() {
+            configs.push(Config {
+                name: "wasmtime serve (peer), no limits",
+                component,
+                program: peer.clone(),
+                // wasi:cli as well as the proxy world, as Bulwark links it (CPython needs it).
+                flags: vec!["-S".into(), "cli".into()],
+                bulwark: false,
+            });
+        }
+    }
+    if !peer.exists() {
         println!(
             "(the peer is not built: `make bench` builds wasmtime-cli into {})",
             peer.display()
@@ -214,11 +229,11 @@ fn bench() -> Result<()> {
     }
     print_conditions(seconds);
     println!(
-        "| server | connections | requests/s | ratio | p50 ms | p99 ms | errors | instantiation p50 / p99 |"
+        "| component | server | connections | requests/s | ratio | p50 ms | p99 ms | errors | instantiation p50 / p99 |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for connections in CONNECTIONS {
-        let mut first = None;
+        let mut first: Option<(&str, f64)> = None;
         for config in &configs {
             let metrics = free_address()?;
             let running = start(config, Some(metrics))?;
@@ -236,9 +251,16 @@ fn bench() -> Result<()> {
                 "-".into()
             };
             drop(running);
-            let base = *first.get_or_insert(load.requests_per_second);
+            let base = match first {
+                Some((component, base)) if component == config.component => base,
+                _ => {
+                    first = Some((config.component, load.requests_per_second));
+                    load.requests_per_second
+                }
+            };
             println!(
-                "| {} | {connections} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {instantiation} |",
+                "| {} | {} | {connections} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {instantiation} |",
+                config.component,
                 config.name,
                 load.requests_per_second,
                 load.requests_per_second / base,
@@ -248,7 +270,133 @@ fn bench() -> Result<()> {
             );
         }
     }
+    density()
+}
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .context("no VmRSS")
+}
+
+fn density() -> Result<()> {
+    let requests: usize = std::env::var("BULWARK_BENCH_IN_FLIGHT")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(10_000);
+    // One descriptor per connection on each side: both processes need room (the server
+    // inherits this limit).
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    let config = Config {
+        name: "density",
+        component: "httpd",
+        program: bulwark_binary()?,
+        flags: vec![
+            "--timeout".into(),
+            "60s".into(),
+            "--concurrency".into(),
+            requests.to_string(),
+        ],
+        bulwark: true,
+    };
+    let metrics = free_address()?;
+    let running = start(&config, Some(metrics))?;
+    let pid = running.child.id();
+    let idle = rss_kib(pid)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (answered, peak_in_flight, peak_rss) = runtime.block_on(async {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut in_flight, mut rss) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(now) = rss_kib(pid) {
+                        rss = rss.max(now);
+                    }
+                    let scraped = tokio::task::spawn_blocking(move || {
+                        get(metrics, "/metrics", Duration::from_secs(5))
+                    })
+                    .await;
+                    if let Ok(Ok(response)) = scraped
+                        && let Some(value) = response
+                            .body
+                            .lines()
+                            .find_map(|line| line.strip_prefix("bulwark_in_flight "))
+                            .and_then(|value| value.trim().parse::<u64>().ok())
+                    {
+                        in_flight = in_flight.max(value);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (in_flight, rss)
+            })
+        };
+        let address = running.address;
+        let tasks: Vec<_> = (0..requests)
+            .map(|_| tokio::spawn(sleep_request(address)))
+            .collect();
+        let mut answered = 0;
+        for task in tasks {
+            if matches!(task.await, Ok(Ok(200))) {
+                answered += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (in_flight, rss) = sampler.await.unwrap_or((0, 0));
+        (answered, in_flight, rss)
+    });
+    drop(running);
+    println!();
+    println!(
+        "# Density: {requests} requests to a guest that waits 2 s, sent at once to one bulwark serve --concurrency {requests}"
+    );
+    println!(
+        "answered 200: {answered} of {requests}; in flight at the peak: {peak_in_flight}; server RSS idle {:.1} MiB, at the peak {:.1} MiB; per in-flight instance {:.1} KiB",
+        idle as f64 / 1024.0,
+        peak_rss as f64 / 1024.0,
+        (peak_rss.saturating_sub(idle)) as f64 / peak_in_flight.max(1) as f64,
+    );
+    ensure!(
+        answered == requests,
+        "{} requests were not answered 200",
+        requests - answered
+    );
     Ok(())
+}
+
+/// `GET /sleep/2000` on a connection of its own; the status code.
+async fn sleep_request(address: SocketAddr) -> Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(b"GET /sleep/2000 HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let head = String::from_utf8_lossy(&response[..response.len().min(16)]).into_owned();
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP response: {head:?}"))
 }
 
 fn print_conditions(seconds: u64) {
@@ -262,7 +410,9 @@ fn print_conditions(seconds: u64) {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!("# Serving build/components/httpd.wasm (GET / -> 200, 19 bytes)");
+    println!(
+        "# Serving GET / -> 200: build/components/httpd.wasm (C, 94 KiB) and pyhttp.wasm (CPython, 18 MiB)"
+    );
     println!(
         "conditions: {cpu}, {} cores shared by server and load generator, Linux {}, release build, loopback, wrk (2 threads), {seconds} s per load after 1 s of warm-up, a fresh server per row; ratio = requests/s against the first row of the same connection count",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
