@@ -37,10 +37,10 @@ all: build guests
 
 # One release build for the binaries, the tests and the benchmarks: Wasmtime is slow to
 # compile on small machines and the tests need optimised code to run limits quickly.
-build:
+build: deps
 	$(CARGO) build --release --workspace --bins
 
-guests:
+guests: deps
 	$(MAKE) -C images/guests OUT=$(CURDIR)/$(GUESTS) NATIVE_OUT=$(CURDIR)/$(NATIVE)
 
 components: guests build

@@ -533,6 +533,7 @@ pub const DEFAULT_NODE_CONFIG: &str = r#"# Bulwark's node configuration, written
 # fuel = 100000000000
 # timeout = "1h"
 # memory = "1Gi"
+# concurrency = 1000    # serving pods: requests in flight
 # [capabilities]
 # allow_native = false  # native (ELF) containers other than pause, e.g. sidecars
 # allow_network = false # bulwark.dev/network grants at all

@@ -20,6 +20,9 @@ timeout = {{ .timeout | quote }}
 {{- if not (kindIs "invalid" .memory) }}
 memory = {{ .memory | toString | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" .concurrency) }}
+concurrency = {{ .concurrency | int64 }}
+{{- end }}
 {{- end -}}
 
 {{/* The node label the installer sets once a node is installed (kube::INSTALLED_LABEL). */}}
