@@ -796,7 +796,9 @@ fn socket_use_allowed(grants: &[SocketAddr], address: SocketAddr, usage: SocketA
     }
 }
 
-fn start_epoch_ticker(engine: &Engine) {
+/// Advances `engine`'s epoch every [`EPOCH_TICK`] for as long as the engine lives: guests
+/// check their deadline (and, when serving, yield to the server) at each tick.
+pub(crate) fn start_epoch_ticker(engine: &Engine) {
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("bulwark-epoch".into())

@@ -23,7 +23,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -47,13 +47,10 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 use crate::engine::{Allocation, ComponentShape, Flavor, WasmKind, build_engine};
 use crate::policy::{Policy, Serving};
 use crate::run::{
-    Artifact, Guard, Outcome, RunError, Runtime, StoreLimits, Workload, classify, wasi_builder,
+    Artifact, Guard, Outcome, RunError, Runtime, StoreLimits, Workload, classify,
+    start_epoch_ticker, wasi_builder,
 };
 use crate::units::Bytes as Size;
-
-/// How often the engine's epoch advances: a guest yields to the server this often, and a
-/// deadline is noticed within it.
-const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// What a client that got 503 is told to wait before it tries again.
 const RETRY_AFTER_SECONDS: u64 = 1;
@@ -685,20 +682,6 @@ fn text_response(status: StatusCode, text: &str) -> Response<HyperOutgoingBody> 
             .expect("a media type is a header value"),
     );
     response
-}
-
-fn start_epoch_ticker(engine: &Engine) {
-    let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("bulwark-epoch".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })
-        .expect("cannot start the epoch thread");
 }
 
 /// One in a gauge for as long as it lives: a request's future may be dropped anywhere (a

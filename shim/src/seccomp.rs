@@ -99,11 +99,9 @@ const ALWAYS: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// Outbound TCP through WASI sockets, for policies that grant destinations (`socket`
-/// itself is allowed with arguments, below).
-const NETWORK: &[i64] = &[
-    libc::SYS_connect,
-    libc::SYS_bind,
+/// Talking on a socket the process already holds: what both outbound grants and serving
+/// need.
+const CONNECTED: &[i64] = &[
     libc::SYS_getsockname,
     libc::SYS_getpeername,
     libc::SYS_getsockopt,
@@ -115,22 +113,13 @@ const NETWORK: &[i64] = &[
     libc::SYS_shutdown,
 ];
 
-/// Serving a wasi:http component on sockets bound before the lock-down: listening,
-/// accepting and talking on them; no new sockets but through [`NETWORK`] grants.
-const SERVING: &[i64] = &[
-    libc::SYS_listen,
-    libc::SYS_accept,
-    libc::SYS_accept4,
-    libc::SYS_getsockname,
-    libc::SYS_getpeername,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
-    libc::SYS_sendto,
-    libc::SYS_recvfrom,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
-    libc::SYS_shutdown,
-];
+/// Outbound TCP through WASI sockets, for policies that grant destinations (`socket`
+/// itself is allowed with arguments, below), besides [`CONNECTED`].
+const NETWORK: &[i64] = &[libc::SYS_connect, libc::SYS_bind];
+
+/// Serving a wasi:http component on sockets bound before the lock-down: listening and
+/// accepting on them, besides [`CONNECTED`]; no new sockets but through [`NETWORK`] grants.
+const SERVING: &[i64] = &[libc::SYS_listen, libc::SYS_accept, libc::SYS_accept4];
 
 /// What the workload needs beyond computing and its files.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -175,7 +164,12 @@ pub fn filter(needs: Needs, pid: libc::pid_t) -> Result<BpfProgram, SeccompError
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let granted: &[i64] = if network { NETWORK } else { &[] };
     let serving: &[i64] = if needs.serving { SERVING } else { &[] };
-    for syscall in ALWAYS.iter().chain(granted).chain(serving) {
+    let connected: &[i64] = if network || needs.serving {
+        CONNECTED
+    } else {
+        &[]
+    };
+    for syscall in ALWAYS.iter().chain(granted).chain(serving).chain(connected) {
         rules.insert(*syscall, Vec::new());
     }
     // The arguments filtered on are C ints (or, for ioctl, an int-sized request): compare

@@ -283,16 +283,7 @@ fn first_line(command: &str, arg: &str) -> String {
 }
 
 fn print_conditions(node: &Node) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split(':').nth(1))
-                .map(|name| name.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let (cpu, kernel) = bulwark_tests::machine();
     let cgroups = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         "cgroup v2"
     } else {
@@ -302,7 +293,7 @@ fn print_conditions(node: &Node) {
     println!(
         "conditions: {cpu}, {} cores, Linux {}, {cgroups}, containerd {} (private instance, CRI v1), {}, release build; pods on the host network as kubelet sends them; images pulled beforehand",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim(),
+        kernel,
         node.containerd.version(),
         first_line("runc", "--version"),
     );

@@ -400,23 +400,14 @@ async fn sleep_request(address: SocketAddr) -> Result<u16> {
 }
 
 fn print_conditions(seconds: u64) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split(':').nth(1))
-                .map(|name| name.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let (cpu, kernel) = bulwark_tests::machine();
     println!(
         "# Serving GET / -> 200: build/components/httpd.wasm (C, 94 KiB) and pyhttp.wasm (CPython, 18 MiB)"
     );
     println!(
         "conditions: {cpu}, {} cores shared by server and load generator, Linux {}, release build, loopback, wrk (2 threads), {seconds} s per load after 1 s of warm-up, a fresh server per row; ratio = requests/s against the first row of the same connection count",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim(),
+        kernel,
     );
     println!();
 }

@@ -48,6 +48,21 @@ pub fn release_dir() -> PathBuf {
         .join("release")
 }
 
+/// This machine for a benchmark's conditions line: the CPU model and the kernel release.
+pub fn machine() -> (String, String) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    (cpu, kernel.trim().to_owned())
+}
+
 /// The workspace's `build/` directory, where downloaded and generated artifacts go.
 pub fn build_dir() -> PathBuf {
     workspace_root().join("build")

@@ -28,9 +28,12 @@ for setup in "v2 cgroupfs" "v2 systemd" "v1 systemd"; do
     echo "== CRI suite, cgroup $version, $driver driver" >&2
     vm_args=(--env BULWARK_TEST_CGROUP_DRIVER --env RUST_LOG)
     [ "$driver" = systemd ] && vm_args=(--systemd "${vm_args[@]}")
-    [ "$version" = v1 ] && vm_args=(--cgroup-v1 "${vm_args[@]}")
+    skip=()
+    # Serving pods are placed in their cgroup as every Wasm workload is: the two cgroup v2
+    # runs cover them, and CI's time is better spent elsewhere than on a third.
+    [ "$version" = v1 ] && vm_args=(--cgroup-v1 "${vm_args[@]}") && skip=(--skip serving::)
     if ! BULWARK_TEST_CGROUP_DRIVER=$driver bash tests/vm/run.sh "${vm_args[@]}" -- \
-        "$suite" --test-threads=1; then
+        "$suite" --test-threads=1 "${skip[@]}"; then
         failed+=("cgroup $version with the $driver driver")
     fi
 done
