@@ -20,6 +20,14 @@ pub struct HttpResponse {
 }
 
 impl HttpResponse {
+    /// Panics unless this is how serving mode answers a request a limit ended: `status`,
+    /// the header `bulwark-limit: kind`, and a body that starts with `reason`.
+    pub fn assert_limit(&self, status: u16, kind: &str, reason: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.header("bulwark-limit"), Some(kind), "{self:?}");
+        assert!(self.body.starts_with(reason), "{self:?}");
+    }
+
     /// The first value of header `name` (lowercase).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers

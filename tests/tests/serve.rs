@@ -129,13 +129,6 @@ impl Drop for Server {
     }
 }
 
-/// Fails unless a limit answered as the contract says.
-fn assert_limit(response: &HttpResponse, status: u16, kind: &str, reason: &str) {
-    assert_eq!(response.status, status, "{response:?}");
-    assert_eq!(response.header("bulwark-limit"), Some(kind), "{response:?}");
-    assert!(response.body.starts_with(reason), "{response:?}");
-}
-
 #[test]
 fn each_limit_ends_only_its_own_request() {
     let metrics = free_address();
@@ -154,26 +147,26 @@ fn each_limit_ends_only_its_own_request() {
         (hello.status, hello.body.as_str()),
         (200, "hello from bulwark\n")
     );
-    assert_limit(
-        &server.get("/loop").unwrap(),
+    server.get("/loop").unwrap().assert_limit(
         500,
         "fuel",
         "fuel exhausted after 100000000 units (--fuel)",
     );
     // Sleeping burns no fuel: the deadline ends it.
-    assert_limit(
-        &server.get("/sleep/60000").unwrap(),
+    server.get("/sleep/60000").unwrap().assert_limit(
         504,
         "timeout",
         "deadline of 2s exceeded (--timeout)",
     );
-    assert_limit(
-        &server.get("/grow").unwrap(),
+    server.get("/grow").unwrap().assert_limit(
         500,
         "memory",
         "memory limit of 16Mi reached (--memory)",
     );
-    assert_limit(&server.get("/trap").unwrap(), 500, "trap", "trapped: ");
+    server
+        .get("/trap")
+        .unwrap()
+        .assert_limit(500, "trap", "trapped: ");
     // Headers already sent: the connection is aborted rather than completed with a lie.
     let partial = server.get("/partial");
     assert!(partial.is_err(), "{partial:?}");
@@ -382,14 +375,12 @@ fn a_big_python_component_serves_under_the_same_limits() {
         (hello.status, hello.body.as_str()),
         (200, "hello from python\n")
     );
-    assert_limit(
-        &server.get("/loop").unwrap(),
+    server.get("/loop").unwrap().assert_limit(
         504,
         "timeout",
         "deadline of 2s exceeded (--timeout)",
     );
-    assert_limit(
-        &server.get("/grow/200").unwrap(),
+    server.get("/grow/200").unwrap().assert_limit(
         500,
         "memory",
         "memory limit of 64Mi reached (--memory)",

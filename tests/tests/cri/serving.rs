@@ -94,13 +94,6 @@ fn serving_config() -> String {
     NODE_CONFIG.replace("allow_network = false", "allow_network = true")
 }
 
-/// Fails unless a limit answered as the contract says.
-fn assert_limit(response: &HttpResponse, status: u16, kind: &str, reason: &str) {
-    assert_eq!(response.status, status, "{response:?}");
-    assert_eq!(response.header("bulwark-limit"), Some(kind), "{response:?}");
-    assert!(response.body.starts_with(reason), "{response:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wasi_http_pod_answers_on_its_pod_ip_and_each_limit_ends_only_its_request() -> Result<()>
 {
@@ -133,26 +126,22 @@ async fn a_wasi_http_pod_answers_on_its_pod_ip_and_each_limit_ends_only_its_requ
         (200, "hello from bulwark\n")
     );
 
-    assert_limit(
-        &pod.get(8081, "/loop").await?,
+    pod.get(8081, "/loop").await?.assert_limit(
         500,
         "fuel",
         "fuel exhausted after 100000000 units (bulwark.dev/fuel.api)",
     );
-    assert_limit(
-        &pod.get(8082, "/loop").await?,
+    pod.get(8082, "/loop").await?.assert_limit(
         504,
         "timeout",
         "deadline of 1s exceeded (bulwark.dev/timeout)",
     );
-    assert_limit(
-        &pod.get(8082, "/grow").await?,
+    pod.get(8082, "/grow").await?.assert_limit(
         500,
         "memory",
         "memory limit of 16Mi reached (bulwark.dev/memory)",
     );
-    assert_limit(
-        &pod.get(8082, "/trap").await?,
+    pod.get(8082, "/trap").await?.assert_limit(
         500,
         "trap",
         "trapped: wasm trap: wasm `unreachable` instruction executed",
@@ -358,8 +347,7 @@ async fn a_serving_oci_wasm_artifact_answers_on_containerd_1_7() -> Result<()> {
         (hello.status, hello.body.as_str()),
         (200, "hello from bulwark\n")
     );
-    assert_limit(
-        &pod.get(8080, "/sleep/5000").await?,
+    pod.get(8080, "/sleep/5000").await?.assert_limit(
         504,
         "timeout",
         "deadline of 1s exceeded (bulwark.dev/timeout)",
