@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use bulwark_tests::harness::containerd;
-use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
+use bulwark_tests::harness::cri::{ContainerSpec, PodSpec, SecurityContext};
 use bulwark_tests::harness::network::listen_in;
 use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node, NodeOptions, annotated};
 use bulwark_tests::http::{HttpResponse, get, wait_listening};
@@ -27,7 +27,8 @@ struct ServingPod {
 
 impl ServingPod {
     /// Starts `containers` (name, listen port) of the httpd component, packaged as `format`,
-    /// in a pod with its own network and `annotations`, and waits until each one listens.
+    /// in a pod with its own network and `annotations`, each as uid 65532 under Pod
+    /// Security "restricted", and waits until each one listens.
     async fn start(
         node: &Node,
         format: Format,
@@ -44,7 +45,9 @@ impl ServingPod {
         let ip = node.cri.pod_ip(&id).await?;
         let mut ids = Vec::new();
         for (container, port) in containers {
-            let mut spec = ContainerSpec::new(*container, image.clone());
+            // As clusters run services: Pod Security "restricted", a non-root user.
+            let mut spec = ContainerSpec::new(*container, image.clone())
+                .security(SecurityContext::restricted(Some(65532)));
             if format == Format::Artifact {
                 // An artifact has no entrypoint: the pod names argv[0].
                 spec = spec.command(["httpd.wasm"]);
