@@ -77,6 +77,20 @@ pub enum CacheEvent {
     },
     /// Another process compiled it while this one waited on the lock.
     CompiledByPeer,
+    /// Compiled here, but the cache could not store it (its filesystem full, say): the
+    /// module runs compiled in memory and the next start compiles it again.
+    NotStored {
+        /// What the cache's filesystem said.
+        reason: String,
+    },
+}
+
+/// Warns, once per workload, that the cache could not take an entry.
+fn not_stored(error: CacheError) -> CacheEvent {
+    log::warn!("{error}: the module cache cannot store it; running it compiled in memory");
+    CacheEvent::NotStored {
+        reason: error.to_string(),
+    }
 }
 
 /// A directory of verified precompiled artifacts for one node.
@@ -140,7 +154,8 @@ impl ModuleCache {
 
     /// Returns the verified precompiled artifact for `digest`, compiling it with `compile`
     /// (and storing the result) when there is no valid entry. The returned bytes are safe
-    /// to deserialize into an engine with `fingerprint`: this cache wrote them.
+    /// to deserialize into an engine with `fingerprint`: this cache wrote and verified them,
+    /// or `compile` made them in this process ([`CacheEvent::NotStored`]).
     pub fn get_or_compile(
         &self,
         fingerprint: &str,
@@ -153,25 +168,39 @@ impl ModuleCache {
             Ok(artifact) => return Ok((artifact, CacheEvent::Hit)),
             Err(rejection) => rejection,
         };
-        let entry_dir = path
+        let locked = path
             .parent()
-            .expect("entries live in a fingerprint directory");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(entry_dir)
-            .map_err(|source| CacheError::Io {
-                path: entry_dir.to_owned(),
-                action: "create the directory",
-                source,
-            })?;
-        let _lock = EntryLock::acquire(&path.with_extension("lock"))?;
+            .ok_or_else(|| CacheError::Io {
+                path: path.clone(),
+                action: "find the fingerprint directory",
+                source: std::io::ErrorKind::NotFound.into(),
+            })
+            .and_then(|entry_dir| {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(entry_dir)
+                    .map_err(|source| CacheError::Io {
+                        path: entry_dir.to_owned(),
+                        action: "create the directory",
+                        source,
+                    })
+            })
+            .and_then(|()| EntryLock::acquire(&path.with_extension("lock")));
+        let _lock = match locked {
+            Ok(lock) => lock,
+            // A cache that cannot take entries (its filesystem full or read-only) must not
+            // stop a workload: it runs compiled in memory, as with no cache at all.
+            Err(error) => return Ok((compile()?, not_stored(error))),
+        };
         // Whoever held the lock before us may have written the entry.
         if let Ok(artifact) = self.read_verified(&path, fingerprint, digest, kind) {
             return Ok((artifact, CacheEvent::CompiledByPeer));
         }
         let artifact = compile()?;
-        self.write_entry(&path, fingerprint, digest, kind, &artifact)?;
+        if let Err(error) = self.write_entry(&path, fingerprint, digest, kind, &artifact) {
+            return Ok((artifact, not_stored(error)));
+        }
         let event = match first_look {
             Rejection::Missing => CacheEvent::Compiled,
             Rejection::Invalid(reason) => {

@@ -382,7 +382,8 @@ pub(crate) enum Artifact<'a> {
 fn link_module(engine: &Engine, artifact: &Artifact) -> Result<InstancePre<ModuleHost>, RunError> {
     let module = match artifact {
         Artifact::Source(wasm) => Module::new(engine, wasm),
-        // SAFETY: the cache only returns bytes it wrote and authenticated.
+        // SAFETY: the cache only returns bytes it wrote and authenticated, or that this
+        // process compiled when it could not store them.
         Artifact::Precompiled(bytes) => unsafe { Module::deserialize(engine, bytes) },
     }
     .map_err(|error| RunError::Invalid(format!("{error:#}")))?;
@@ -405,7 +406,8 @@ fn link_component(
 ) -> Result<CommandPre<ComponentHost>, RunError> {
     let component = match artifact {
         Artifact::Source(wasm) => Component::new(engine, wasm),
-        // SAFETY: the cache only returns bytes it wrote and authenticated.
+        // SAFETY: the cache only returns bytes it wrote and authenticated, or that this
+        // process compiled when it could not store them.
         Artifact::Precompiled(bytes) => unsafe { Component::deserialize(engine, bytes) },
     }
     .map_err(|error| RunError::Invalid(format!("{error:#}")))?;
@@ -734,12 +736,18 @@ impl ResourceLimiter for Guard {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            // Beyond the module's own declared maximum: `memory.grow` returns -1 as Wasm
+            // says it must, and no limit of Bulwark's fired (a later trap is the guest's).
+            return Ok(false);
+        }
         let growth = (desired - current) as u64;
         let total = self.memory_in_use.saturating_add(growth);
+        let table_bytes = (self.tables_in_use as u64).saturating_mul(size_of::<usize>() as u64);
         if let Some(cap) = self.memory_cap
-            && total > cap
+            && total.saturating_add(table_bytes) > cap
         {
             self.refused = Some(Refusal {
                 by_memory_limit: true,
@@ -764,8 +772,12 @@ impl ResourceLimiter for Guard {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            // The table's own declared maximum, as for memories above.
+            return Ok(false);
+        }
         let total = self.tables_in_use.saturating_add(desired - current);
         let table_bytes = (total as u64).saturating_mul(size_of::<usize>() as u64);
         let memory_total = self.memory_in_use.saturating_add(table_bytes);
@@ -900,5 +912,54 @@ mod tests {
         ] {
             assert!(!socket_use_allowed(&grants, peer, usage));
         }
+    }
+
+    /// A run of `wat` with `bulwark.dev/memory: 32Mi` and no cache.
+    fn run_wat(wat: &str) -> Outcome {
+        let mut request = crate::Request::annotations();
+        request.set(crate::policy::Knob::Memory, "32Mi").unwrap();
+        let policy = Policy::resolve(&crate::NodeConfig::default(), &request).unwrap();
+        let runtime = Runtime::new(RuntimeOptions {
+            deadline: DeadlineMode::Epoch,
+            ..RuntimeOptions::default()
+        });
+        let wasm = wat::parse_str(wat).unwrap();
+        let loaded = runtime.load(&policy, &wasm).unwrap();
+        loaded
+            .run(&Workload::default(), &Report::default())
+            .unwrap()
+    }
+
+    // Found by the `modules` fuzz target: a growth past the module's own declared maximum
+    // was taken for a memory limit, and the guest's later trap reported as one (137).
+    #[test]
+    fn growing_past_a_declared_maximum_is_the_guests_business_not_a_limit() {
+        let outcome = run_wat(
+            r#"(module (memory 1 2) (table 1 2 funcref)
+                (func (export "_start")
+                  (drop (memory.grow (i32.const 5)))
+                  (drop (table.grow (ref.null func) (i32.const 5)))
+                  unreachable))"#,
+        );
+        assert!(
+            matches!(&outcome, Outcome::Trapped(trap) if trap.contains("unreachable")),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn memory_and_tables_share_one_limit() {
+        // 4 MiB of table (512Ki elements of 8 bytes) leaves room for 28 MiB of memory, not 32.
+        let outcome = run_wat(
+            r#"(module (memory 1) (table 1 funcref)
+                (func (export "_start")
+                  (if (i32.eq (table.grow (ref.null func) (i32.const 524287)) (i32.const -1))
+                    (then unreachable))
+                  (if (i32.eq (memory.grow (i32.const 440)) (i32.const -1))
+                    (then unreachable))
+                  (if (i32.ne (memory.grow (i32.const 50)) (i32.const -1))
+                    (then unreachable))))"#,
+        );
+        assert_eq!(outcome, Outcome::Exited(0));
     }
 }

@@ -513,6 +513,9 @@ fn compile(args: CompileArgs) -> Result<ExitCode> {
                 Some(CacheEvent::Hit) | Some(CacheEvent::CompiledByPeer) => "already cached",
                 Some(CacheEvent::Compiled) => "compiled",
                 Some(CacheEvent::Replaced { .. }) => "recompiled (the old entry was invalid)",
+                Some(CacheEvent::NotStored { reason }) => {
+                    bail!("{}: compiled, but not stored: {reason}", module.display())
+                }
                 None => bail!("the cache was not used"),
             };
             let label = if flavor.fuel {
