@@ -108,6 +108,37 @@ impl Manifest {
     }
 }
 
+/// Media type of a Docker manifest list, which containerd may also hold as an image's target.
+pub const DOCKER_MANIFEST_LIST_MEDIA_TYPE: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Whether an image target of `media_type` lists manifests (an OCI index or a Docker
+/// manifest list) rather than being one.
+pub fn is_index(media_type: &str) -> bool {
+    media_type == INDEX_MEDIA_TYPE || media_type == DOCKER_MANIFEST_LIST_MEDIA_TYPE
+}
+
+/// The digest of the manifest to run from an index: the entry for the `wasm` platform,
+/// which a Wasm artifact's index names, else the first entry.
+pub fn manifest_in_index(bytes: &[u8]) -> Result<String, ImageError> {
+    let malformed = |message: String| ImageError::Malformed {
+        what: "image index",
+        message,
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|error| malformed(error.to_string()))?;
+    let manifests = index["manifests"]
+        .as_array()
+        .ok_or_else(|| malformed("no \"manifests\" list".into()))?;
+    manifests
+        .iter()
+        .find(|entry| entry["platform"]["architecture"] == "wasm")
+        .or(manifests.first())
+        .and_then(|entry| entry["digest"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| malformed("its first manifest (or its wasm one) has no digest".into()))
+}
+
 /// A blob and its descriptor.
 #[derive(Debug, Clone)]
 pub struct Blob {

@@ -10,7 +10,7 @@ use containerd_client::services::v1::{GetImageRequest, ReadContentRequest};
 use containerd_client::tonic::Request;
 use containerd_client::{Client, with_namespace};
 
-use bulwark_runtime::image::{INDEX_MEDIA_TYPE, Manifest};
+use bulwark_runtime::image::{Manifest, is_index, manifest_in_index};
 
 /// CRI's annotation with the container's image name.
 pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
@@ -58,21 +58,9 @@ async fn fetch(
         .and_then(|image| image.target)
         .ok_or_else(|| format!("image {image} has no target"))?;
     let mut manifest_digest = target.digest.clone();
-    if target.media_type == INDEX_MEDIA_TYPE
-        || target.media_type == "application/vnd.docker.distribution.manifest.list.v2+json"
-    {
+    if is_index(&target.media_type) {
         let index = read(&client, namespace, &target.digest, MAX_DOCUMENT).await?;
-        let index: serde_json::Value = serde_json::from_slice(&index)
-            .map_err(|e| format!("image {image}: malformed index: {e}"))?;
-        // A Wasm artifact's index names the wasm platform; take it, else the first entry.
-        let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
-        let chosen = manifests
-            .iter()
-            .find(|m| m["platform"]["architecture"] == "wasm")
-            .or(manifests.first())
-            .and_then(|m| m["digest"].as_str())
-            .ok_or_else(|| format!("image {image}: empty index"))?;
-        manifest_digest = chosen.to_owned();
+        manifest_digest = manifest_in_index(&index).map_err(|e| format!("image {image}: {e}"))?;
     }
     let manifest = read(&client, namespace, &manifest_digest, MAX_DOCUMENT).await?;
     let manifest = Manifest::parse(&manifest).map_err(|e| format!("image {image}: {e}"))?;

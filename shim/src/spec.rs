@@ -318,6 +318,9 @@ impl ContainerSpec {
         let covering = self
             .mounts
             .iter()
+            // A destination that is not absolute names no place in the container; an empty
+            // one would otherwise cover every path.
+            .filter(|mount| Path::new(&mount.destination).is_absolute())
             .filter(|mount| below(&mount.destination).is_some())
             .max_by_key(|mount| mount.destination.len());
         Ok(match covering {
