@@ -11,7 +11,7 @@ use bulwark_tests::harness::process::{is_alive, signal};
 use crate::{ONE_CONTAINERD, suite_containerd};
 
 /// Waits until process `pid` is gone (a zombie counts as gone).
-async fn gone(pid: u32, within: Duration) -> bool {
+pub(crate) async fn gone(pid: u32, within: Duration) -> bool {
     let deadline = std::time::Instant::now() + within;
     while std::time::Instant::now() < deadline {
         if !is_alive(pid) {
@@ -23,7 +23,11 @@ async fn gone(pid: u32, within: Duration) -> bool {
 }
 
 /// Starts a Wasm pod running the sleep guest for `ms`; returns (pod, pod id, container id).
-async fn sleeping_pod(node: &Node, name: &str, ms: u32) -> Result<(PodSpec, String, String)> {
+pub(crate) async fn sleeping_pod(
+    node: &Node,
+    name: &str,
+    ms: u32,
+) -> Result<(PodSpec, String, String)> {
     let sleep = node.push_guest("sleep", Format::Layer)?;
     node.cri.pull(&sleep).await?;
     let pod = PodSpec::new(name).runtime_handler(HANDLER);
@@ -34,7 +38,7 @@ async fn sleeping_pod(node: &Node, name: &str, ms: u32) -> Result<(PodSpec, Stri
     Ok((pod, pod_id, id))
 }
 
-async fn remove_pod(node: &Node, pod_id: &str) -> Result<()> {
+pub(crate) async fn remove_pod(node: &Node, pod_id: &str) -> Result<()> {
     node.cri.stop_pod(pod_id).await?;
     node.cri.remove_pod(pod_id).await
 }

@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 mod faults;
 mod isolation;
+mod resilience;
 mod serving;
 
 /// One containerd at a time: they share /run/containerd/s and the machine's 2 cores.
