@@ -10,6 +10,8 @@
 #   make kind-test    Bulwark in a kind cluster (machines with Docker and kind only)
 #   make bench   print the benchmark tables: the runtime, pods through CRI (root), and
 #                serving next to `wasmtime serve` (built once into build/wasmtime)
+#   make soak    2,000 pod lifecycles through CRI, 10 at a time (root)
+#   make fuzz    every fuzz target for FUZZ_SECONDS each (default 600; `make test` runs 15)
 #   make lint    rustfmt and clippy, warnings as errors
 
 CARGO      ?= cargo
@@ -31,7 +33,7 @@ APT_PACKAGES := libc6-dev clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt \
 	containerd runc containernetworking-plugins iproute2 docker-registry skopeo \
 	busybox-static protobuf-compiler wrk python3-venv
 
-.PHONY: all build guests components deps demo demo-cli test test-matrix test-cgroup2 installer-image kind-test bench lint clean
+.PHONY: all build guests components deps demo demo-cli test test-matrix test-cgroup2 installer-image kind-test bench soak fuzz lint clean
 
 all: build guests
 
@@ -99,10 +101,12 @@ test-matrix: build guests components
 	BULWARK_TEST_CONTAINERD=1.7.24 $(CARGO) test --release --workspace --test cri
 	BULWARK_TEST_CONTAINERD=2.1.9 $(CARGO) test --release --workspace --test cri
 
-# The CRI suite on a cgroup v2 node: a throwaway QEMU VM on this machine's root, once with
-# kubelet's cgroupfs driver and once with its systemd driver (tests/vm/README.md).
+# The CRI suite on a cgroup v2 node: a throwaway QEMU VM on this machine's root, with
+# kubelet's systemd and cgroupfs drivers, and on cgroup v1 with systemd (tests/vm/README.md).
+# CGROUP2_SCOPE=ci (CI): the whole suite on v2 with systemd, the cgroup tests on the others.
+CGROUP2_SCOPE ?= full
 test-cgroup2: build guests components
-	bash tests/vm/cgroup2.sh
+	bash tests/vm/cgroup2.sh $(CGROUP2_SCOPE)
 
 bench: build guests components $(PEER)
 	$(CARGO) bench --workspace --bench runtime --bench pods --bench serve
@@ -111,6 +115,14 @@ bench: build guests components $(PEER)
 # (a long build; `make bench` only, never CI).
 $(PEER):
 	$(CARGO) install --locked wasmtime-cli --version $(WASMTIME_VERSION) --root $(BUILD)/wasmtime
+
+SOAK_LIFECYCLES ?= 2000
+soak: build guests components
+	BULWARK_SOAK_LIFECYCLES=$(SOAK_LIFECYCLES) $(CARGO) test --release --workspace --test soak -- --ignored --nocapture
+
+FUZZ_SECONDS ?= 600
+fuzz: build guests
+	BULWARK_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --release --workspace --test parsers --test modules --test escape -- --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -11,8 +11,10 @@
 //!    the first `200` from the httpd wasi:http component (connecting every 5 ms), with a
 //!    warm module cache.
 //! 3. Memory per running pod: PSS (`/proc/PID/smaps_rollup`) of every shim and all its
-//!    descendants with 10 and 50 sleeping pods, Bulwark's `sleep` guest next to busybox
-//!    `sleep` under runc.
+//!    descendants with 10 and 100 sleeping pods (kubelet's default maximum is 110 per node),
+//!    Bulwark's `sleep` guest next to busybox `sleep` under runc; the start throughput
+//!    (pods reaching Running per second, 10 started at once) and containerd's own growth
+//!    per pod.
 //!
 //! Runs as root; binaries from `make build`, guests from `make guests`.
 
@@ -21,13 +23,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use bulwark_tests::harness::containerd;
 use bulwark_tests::harness::cri::{
     ContainerSpec, ContainerState, ContainerStatus, Cri, LogStream, PodSpec,
 };
 use bulwark_tests::harness::node::{Format, HANDLER as BULWARK, NODE_CONFIG, Node};
-use bulwark_tests::harness::process;
+use bulwark_tests::harness::process::{self, Memory, memory};
 use futures::stream::{self, StreamExt};
 
 /// Interleaved rounds of the start-to-exit comparison.
@@ -35,9 +37,9 @@ const ROUNDS: usize = 20;
 /// How often ContainerStatus is polled for the exit.
 const POLL: Duration = Duration::from_millis(5);
 /// Pod counts of the memory comparison.
-const MEMORY_PODS: [usize; 2] = [10, 50];
-/// Pods started at once in the memory comparison.
-const START_CONCURRENCY: usize = 5;
+const MEMORY_PODS: [usize; 2] = [10, 100];
+/// Pods started at once in the memory comparison (and its start throughput).
+const START_CONCURRENCY: usize = 10;
 /// Pods removed at once in the memory comparison.
 const TEARDOWN_CONCURRENCY: usize = 5;
 /// How long StartContainer may take before the bench gives up on it (CRI's own timeout
@@ -465,29 +467,6 @@ async fn first_response(node: &Node) -> Result<()> {
     node.wait_no_shims().await
 }
 
-/// The memory figures of one process, from `/proc/PID/smaps_rollup` (KiB), and its
-/// thread count.
-#[derive(Debug, Default, Clone, Copy)]
-struct Memory {
-    rss: u64,
-    pss: u64,
-    pss_anon: u64,
-    pss_file: u64,
-    private: u64,
-    threads: u64,
-}
-
-impl std::ops::AddAssign for Memory {
-    fn add_assign(&mut self, other: Memory) {
-        self.rss += other.rss;
-        self.pss += other.pss;
-        self.pss_anon += other.pss_anon;
-        self.pss_file += other.pss_file;
-        self.private += other.private;
-        self.threads += other.threads;
-    }
-}
-
 /// The processes of one role (shim, workload process, pause, ...) in a measurement.
 #[derive(Debug, Default)]
 struct Group {
@@ -504,40 +483,6 @@ impl Group {
         self.min_pss = Some(self.min_pss.map_or(memory.pss, |min| min.min(memory.pss)));
         self.max_pss = self.max_pss.max(memory.pss);
     }
-}
-
-fn smaps_rollup(pid: u32) -> Result<Memory> {
-    let path = format!("/proc/{pid}/smaps_rollup");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    let mut fields = BTreeMap::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if let (Some(key), Some(value)) = (words.next(), words.next())
-            && let Some(key) = key.strip_suffix(':')
-            && let Ok(value) = value.parse::<u64>()
-        {
-            fields.insert(key.to_owned(), value);
-        }
-    }
-    let field = |name: &str| fields.get(name).copied().unwrap_or(0);
-    ensure!(fields.contains_key("Pss"), "{path} has no Pss: {text}");
-    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0);
-    Ok(Memory {
-        rss: field("Rss"),
-        pss: field("Pss"),
-        pss_anon: field("Pss_Anon"),
-        pss_file: field("Pss_File"),
-        private: field("Private_Clean") + field("Private_Dirty"),
-        threads,
-    })
 }
 
 /// What a process is, for the breakdown: the shim, Bulwark's workload process, or the
@@ -647,6 +592,8 @@ struct MemoryRow {
     total: Memory,
     by_role: BTreeMap<String, Group>,
     start_all: Duration,
+    /// containerd's PSS with the pods running, less before they started (KiB).
+    containerd_growth: i64,
 }
 
 async fn measure_memory(
@@ -655,6 +602,7 @@ async fn measure_memory(
     container: &ContainerSpec,
     pods: usize,
 ) -> Result<MemoryRow> {
+    let containerd_before = memory(node.containerd.pid())?.pss as i64;
     let began = Instant::now();
     let results: Vec<Result<Running>> = stream::iter(0..pods)
         .map(|index| start_sleeper(node, handler, container, index))
@@ -690,7 +638,7 @@ async fn measure_memory(
         let mut total = Memory::default();
         let mut by_role: BTreeMap<String, Group> = BTreeMap::new();
         for &pid in &pids {
-            let memory = smaps_rollup(pid)?;
+            let memory = memory(pid)?;
             total += memory;
             by_role.entry(role(pid, &shims)).or_default().add(memory);
         }
@@ -701,6 +649,7 @@ async fn measure_memory(
             total,
             by_role,
             start_all,
+            containerd_growth: memory(node.containerd.pid())?.pss as i64 - containerd_before,
         })
     }
     .await;
@@ -737,13 +686,13 @@ async fn memory_per_pod(node: &Node) -> Result<()> {
         "## 3. Memory per running pod: PSS of the shims and all their descendants (/proc/PID/smaps_rollup)"
     );
     println!(
-        "| pod | pods | processes per pod | PSS per pod (MiB) | anon / file (MiB) | USS per pod (MiB) | RSS per pod (MiB) | all running after (s) |"
+        "| pod | pods | processes per pod | PSS per pod (MiB) | anon / file (MiB) | USS per pod (MiB) | RSS per pod (MiB) | all running after (s) | pods Running per s | containerd growth per pod (KiB) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (label, row) in &rows {
         let n = row.pods;
         println!(
-            "| {label} | {n} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {:.2} | {:.1} |",
+            "| {label} | {n} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {} |",
             row.processes as f64 / n as f64,
             mib(row.total.pss, n),
             mib(row.total.pss_anon, n),
@@ -751,10 +700,12 @@ async fn memory_per_pod(node: &Node) -> Result<()> {
             mib(row.total.private, n),
             mib(row.total.rss, n),
             row.start_all.as_secs_f64(),
+            n as f64 / row.start_all.as_secs_f64(),
+            row.containerd_growth / n as i64,
         );
     }
     println!(
-        "(USS = Private_Clean + Private_Dirty; PSS shares each page among the processes mapping it, so shared binary pages get cheaper with more pods; pods started one at a time; read {} s after all were running)",
+        "(USS = Private_Clean + Private_Dirty; PSS shares each page among the processes mapping it, so shared binary pages get cheaper with more pods; pods started {START_CONCURRENCY} at a time, RunPodSandbox to Running; read {} s after all were running)",
         SETTLE.as_secs()
     );
     println!();

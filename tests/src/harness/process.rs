@@ -8,7 +8,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, ensure};
 
 /// A server process started by the harness, with its output going to a log file.
 ///
@@ -170,4 +172,68 @@ fn stat_fields(stat: &str) -> Vec<&str> {
     stat.rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default()
+}
+
+/// The memory figures of one process, from `/proc/PID/smaps_rollup` (KiB), and its
+/// thread count.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Memory {
+    /// Resident set size.
+    pub rss: u64,
+    /// Proportional set size: shared pages divided among their sharers.
+    pub pss: u64,
+    /// PSS of anonymous memory (heap, stacks).
+    pub pss_anon: u64,
+    /// PSS of file-backed memory (the binary, libraries).
+    pub pss_file: u64,
+    /// Pages only this process maps.
+    pub private: u64,
+    /// Threads.
+    pub threads: u64,
+}
+
+impl std::ops::AddAssign for Memory {
+    fn add_assign(&mut self, other: Memory) {
+        self.rss += other.rss;
+        self.pss += other.pss;
+        self.pss_anon += other.pss_anon;
+        self.pss_file += other.pss_file;
+        self.private += other.private;
+        self.threads += other.threads;
+    }
+}
+
+/// The memory figures of process `pid`.
+pub fn memory(pid: u32) -> Result<Memory> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let mut fields = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some(key), Some(value)) = (words.next(), words.next())
+            && let Some(key) = key.strip_suffix(':')
+            && let Ok(value) = value.parse::<u64>()
+        {
+            fields.insert(key.to_owned(), value);
+        }
+    }
+    let field = |name: &str| fields.get(name).copied().unwrap_or(0);
+    ensure!(fields.contains_key("Pss"), "{path} has no Pss: {text}");
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    Ok(Memory {
+        rss: field("Rss"),
+        pss: field("Pss"),
+        pss_anon: field("Pss_Anon"),
+        pss_file: field("Pss_File"),
+        private: field("Private_Clean") + field("Private_Dirty"),
+        threads,
+    })
 }
