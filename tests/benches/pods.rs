@@ -30,6 +30,7 @@ use bulwark_tests::harness::cri::{
 };
 use bulwark_tests::harness::node::{Format, HANDLER as BULWARK, NODE_CONFIG, Node};
 use bulwark_tests::harness::process::{self, Memory, memory};
+use bulwark_tests::percentile;
 use futures::stream::{self, StreamExt};
 
 /// Interleaved rounds of the start-to-exit comparison.
@@ -194,13 +195,6 @@ fn median(samples: &[Duration]) -> Duration {
     let mut sorted = samples.to_vec();
     sorted.sort();
     sorted[sorted.len() / 2]
-}
-
-fn percentile(samples: &[Duration], pct: f64) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let index = ((sorted.len() as f64 * pct / 100.0).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[index]
 }
 
 fn ms(duration: Duration) -> f64 {

@@ -63,6 +63,15 @@ pub fn machine() -> (String, String) {
     (cpu, kernel.trim().to_owned())
 }
 
+/// The nearest-rank percentile `pct` (0-100) of `samples`, which need not be sorted; the
+/// benchmarks and the soak report latencies with it. `samples` must not be empty.
+pub fn percentile(samples: &[std::time::Duration], pct: f64) -> std::time::Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let index = ((sorted.len() as f64 * pct / 100.0).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index]
+}
+
 /// The workspace's `build/` directory, where downloaded and generated artifacts go.
 pub fn build_dir() -> PathBuf {
     workspace_root().join("build")

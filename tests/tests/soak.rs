@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bulwark_tests::harness::containerd;
-use bulwark_tests::harness::cri::{ContainerSpec, LogStream, PodSpec, SecurityContext};
+use bulwark_tests::harness::cri::{ContainerSpec, PodSpec, SecurityContext};
 use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node, NodeOptions};
 use bulwark_tests::harness::process::{Memory, memory};
 use bulwark_tests::http::{get, wait_listening};
+use bulwark_tests::percentile;
 use futures::stream::{self, StreamExt};
 
 /// Lifecycles in flight at once.
@@ -149,20 +150,14 @@ async fn lifecycle(
             let latency = started.elapsed();
             match expect {
                 Expect::Exit(code, wanted) => {
-                    let exit = node.cri.wait_exited(&id, CONTAINER_TIMEOUT).await?;
-                    let log = node.cri.read_container_log(&id).await?;
-                    let text = |stream: LogStream| {
-                        log.iter()
-                            .filter(|line| line.stream == stream)
-                            .map(|line| line.text.as_str())
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    };
-                    let (stdout, stderr) = (text(LogStream::Stdout), text(LogStream::Stderr));
+                    let done = node.finished(&id, CONTAINER_TIMEOUT).await?;
                     ensure!(
-                        exit.exit_code == code && (stdout.contains(wanted) || stderr.contains(wanted)),
-                        "exited {} (expected {code} with {wanted:?}); stdout {stdout:?}, stderr {stderr:?}",
-                        exit.exit_code
+                        done.exit.exit_code == code
+                            && (done.stdout.contains(wanted) || done.stderr.contains(wanted)),
+                        "exited {} (expected {code} with {wanted:?}); stdout {:?}, stderr {:?}",
+                        done.exit.exit_code,
+                        done.stdout,
+                        done.stderr
                     );
                 }
                 Expect::Answer => {
@@ -173,7 +168,9 @@ async fn lifecycle(
                     })
                     .await??;
                     ensure!(response.status == 200, "GET / answered {}", response.status);
-                    node.cri.stop_container(&id, Duration::from_secs(10)).await?;
+                    node.cri
+                        .stop_container(&id, Duration::from_secs(10))
+                        .await?;
                 }
             }
             Ok(latency)
@@ -206,11 +203,6 @@ fn node_memory(node: &Node) -> (Memory, Memory, usize) {
         }
     }
     (containerd, shims, pids.len())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,13 +286,15 @@ async fn pod_lifecycles_churn_without_a_failure_or_a_leak() -> Result<()> {
             Err(error) => failures.push(format!("lifecycle {index} ({kind:?}): {error:#}")),
         }
     }
-    latencies.sort();
     if !latencies.is_empty() {
         println!(
             "start latency (RunPodSandbox -> StartContainer returned): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {:.1} lifecycles/s",
             percentile(&latencies, 50.0).as_secs_f64() * 1e3,
             percentile(&latencies, 99.0).as_secs_f64() * 1e3,
-            latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+            latencies
+                .iter()
+                .max()
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3),
             lifecycles as f64 / elapsed.as_secs_f64()
         );
     }

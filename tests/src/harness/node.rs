@@ -319,25 +319,32 @@ impl Node {
         let result = async {
             let id = self.cri.create_container(&pod_id, &pod, &container).await?;
             self.cri.start_container(&id).await?;
-            let exit = self.cri.wait_exited(&id, Duration::from_secs(60)).await?;
-            let log = self.cri.read_container_log(&id).await?;
+            let finished = self.finished(&id, Duration::from_secs(60)).await?;
             self.cri.remove_container(&id).await?;
-            let stream = |wanted: LogStream| -> String {
-                log.iter()
-                    .filter(|line| line.stream == wanted)
-                    .map(|line| format!("{}\n", line.text))
-                    .collect()
-            };
-            Ok(Finished {
-                exit,
-                stdout: stream(LogStream::Stdout),
-                stderr: stream(LogStream::Stderr),
-            })
+            Ok(finished)
         }
         .await;
         self.cri.stop_pod(&pod_id).await?;
         self.cri.remove_pod(&pod_id).await?;
         result
+    }
+
+    /// Waits (at most `timeout`) until container `id` has exited; returns how, with what it
+    /// wrote to stdout and stderr.
+    pub async fn finished(&self, id: &str, timeout: Duration) -> Result<Finished> {
+        let exit = self.cri.wait_exited(id, timeout).await?;
+        let log = self.cri.read_container_log(id).await?;
+        let stream = |wanted: LogStream| -> String {
+            log.iter()
+                .filter(|line| line.stream == wanted)
+                .map(|line| format!("{}\n", line.text))
+                .collect()
+        };
+        Ok(Finished {
+            exit,
+            stdout: stream(LogStream::Stdout),
+            stderr: stream(LogStream::Stderr),
+        })
     }
 
     /// Creates and starts a container in a new `bulwark` pod, expecting the start to be
