@@ -417,6 +417,24 @@ impl Cgroup {
         }
     }
 
+    /// How many processes the kernel's OOM killer has killed in the cgroup: the
+    /// `oom_kill` count of memory.events (v2) or memory.oom_control (v1).
+    pub fn oom_kills(&self) -> u64 {
+        let file = if self.unified {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        self.dir("memory")
+            .and_then(|dir| fs::read_to_string(dir.join(file)).ok())
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("oom_kill "))
+                    .and_then(|count| count.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// The processes in the cgroup (of every hierarchy it has).
     pub fn processes(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = self

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use containerd_shim::api::{self, Empty};
 use containerd_shim::monitor::{ExitEvent, Subject, Topic, monitor_subscribe};
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskOOM, TaskStart};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::topics;
@@ -234,14 +234,28 @@ impl State {
     }
 
     /// The container whose process `pid` just exited records it; else it waits to be
-    /// claimed. Returns the event to publish.
-    fn process_exited(&mut self, pid: u32, exit: Exit) -> Option<TaskExit> {
+    /// claimed. Returns the events to publish: a TaskOOM first when the kernel's OOM killer
+    /// ended it (so kubelet reports `OOMKilled`, as for a runc container), then its TaskExit.
+    fn process_exited(&mut self, pid: u32, exit: Exit) -> Option<(Option<TaskOOM>, TaskExit)> {
         let found = self
             .containers
             .iter_mut()
             .find(|(_, c)| c.pid == pid && c.status != Phase::Stopped);
         match found {
-            Some((id, container)) => Some(container.stopped(id, exit)),
+            Some((id, container)) => {
+                // A Wasm container's cgroup holds its workload alone: a kill counted there
+                // was the workload's (runc's containers report their own OOMs to runc).
+                let oom = (exit.code == 128 + libc::SIGKILL as u32
+                    && matches!(container.kind, Kind::Wasm { .. })
+                    && container.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0))
+                .then(|| {
+                    log::warn!("container {id} was killed by the kernel's OOM killer");
+                    let mut event = TaskOOM::new();
+                    event.container_id = id.clone();
+                    event
+                });
+                Some((oom, container.stopped(id, exit)))
+            }
             None => {
                 if self.unclaimed.len() == UNCLAIMED_EXITS {
                     self.unclaimed.pop_front();
@@ -365,9 +379,12 @@ impl TaskService {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .process_exited(pid as u32, exit);
-                    if let Some(event) = event {
+                    if let Some((oom, exit)) = event {
                         condvar.notify_all();
-                        events.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event));
+                        if let Some(oom) = oom {
+                            events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(oom));
+                        }
+                        events.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(exit));
                     }
                 }
             })
