@@ -165,7 +165,26 @@ impl Blob {
 
 /// `sha256:<hex>` of some bytes.
 pub fn digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", crate::engine::hex(&Sha256::digest(bytes)))
+    let mut digester = Digester::default();
+    digester.update(bytes);
+    digester.finish()
+}
+
+/// [`digest`] of bytes that arrive in pieces, such as a layer streamed from a content
+/// store: nothing needs to hold the whole blob.
+#[derive(Default)]
+pub struct Digester(Sha256);
+
+impl Digester {
+    /// Adds the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// `sha256:<hex>` of everything added.
+    pub fn finish(self) -> String {
+        format!("sha256:{}", crate::engine::hex(&self.0.finalize()))
+    }
 }
 
 /// An image: manifest, config and layers, all as blobs.

@@ -10,13 +10,13 @@ use containerd_client::services::v1::{GetImageRequest, ReadContentRequest};
 use containerd_client::tonic::Request;
 use containerd_client::{Client, with_namespace};
 
-use bulwark_runtime::image::{Manifest, is_index, manifest_in_index};
+use bulwark_runtime::image::{Digester, Manifest, is_index, manifest_in_index};
 
 /// CRI's annotation with the container's image name.
 pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
 
 /// Most bytes read for a manifest or index: they are small JSON documents.
-const MAX_DOCUMENT: usize = 4 << 20;
+const MAX_DOCUMENT: u64 = 4 << 20;
 
 /// Writes the Wasm layer of `image` to `dest`. `Ok(false)` when the image is not a Wasm
 /// artifact (an ordinary image keeps its module in the rootfs).
@@ -70,25 +70,49 @@ async fn fetch(
     let layer = manifest.wasm_layers().next().ok_or_else(|| {
         format!("image {image}: a Wasm artifact without an application/wasm layer")
     })?;
-    let bytes = read(&client, namespace, &layer.digest, usize::MAX).await?;
-    if bulwark_runtime::image::digest(&bytes) != layer.digest {
+    // Streamed to the file, never held whole: a module may be hundreds of megabytes, and
+    // every pod starting on the node would hold its own copy.
+    let mut file = std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    let mut digester = Digester::default();
+    stream(&client, namespace, &layer.digest, u64::MAX, |chunk| {
+        digester.update(chunk);
+        file.write_all(chunk)
+            .map_err(|e| format!("{}: {e}", dest.display()))
+    })
+    .await?;
+    if digester.finish() != layer.digest {
         return Err(format!(
             "image {image}: layer {} does not match its digest",
             layer.digest
         ));
     }
-    let mut file = std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-    file.write_all(&bytes)
-        .map_err(|e| format!("{}: {e}", dest.display()))?;
     Ok(true)
 }
 
+/// A small document (a manifest or an index) from the content store, whole.
 async fn read(
     client: &Client,
     namespace: &str,
     digest: &str,
-    limit: usize,
+    limit: u64,
 ) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    stream(client, namespace, digest, limit, |chunk| {
+        bytes.extend_from_slice(chunk);
+        Ok(())
+    })
+    .await?;
+    Ok(bytes)
+}
+
+/// Hands the blob `digest` to `sink` chunk by chunk, refusing it past `limit` bytes.
+async fn stream(
+    client: &Client,
+    namespace: &str,
+    digest: &str,
+    limit: u64,
+    mut sink: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), String> {
     let request = with_namespace!(
         ReadContentRequest {
             digest: digest.to_owned(),
@@ -97,22 +121,23 @@ async fn read(
         },
         namespace
     );
-    let mut stream = client
+    let mut chunks = client
         .content()
         .read(request)
         .await
         .map_err(|e| format!("content {digest}: {}", e.message()))?
         .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream
+    let mut length = 0u64;
+    while let Some(chunk) = chunks
         .message()
         .await
         .map_err(|e| format!("content {digest}: {}", e.message()))?
     {
-        bytes.extend_from_slice(&chunk.data);
-        if bytes.len() > limit {
+        length += chunk.data.len() as u64;
+        if length > limit {
             return Err(format!("content {digest} is larger than {limit} bytes"));
         }
+        sink(&chunk.data)?;
     }
-    Ok(bytes)
+    Ok(())
 }
