@@ -14,6 +14,7 @@ use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
 use bulwark_tests::harness::node::{Finished, Format, HANDLER, NODE_CONFIG, Node, annotated};
 use tokio::sync::Mutex;
 
+mod big_modules;
 mod faults;
 mod isolation;
 mod resilience;

@@ -1,0 +1,221 @@
+//! Modules that are big in bytes or in functions: a 100 MiB module runs without any shim
+//! holding it in memory; one with a million functions, too costly to compile within its
+//! container's memory limit, ends `OOMKilled` as a runc container over its limit does, its
+//! shim untouched; one past Wasm's limit of a million functions is refused by name.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use bulwark_tests::harness::containerd;
+use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
+use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node};
+
+use crate::{ONE_CONTAINERD, suite_containerd};
+use bulwark_tests::harness::process::is_alive;
+
+/// The padding that makes a module big: a custom section, which Wasmtime skips.
+const PADDING: usize = 100 << 20;
+/// wasmparser's (and so Wasmtime's) limit on the functions of one module.
+const MAX_FUNCTIONS: u32 = 1_000_000;
+/// The memory limit of the million-function container: the workload process with its
+/// module fits many times over; compiling a million functions takes gigabytes.
+const MEMORY_LIMIT: i64 = 64 << 20;
+
+fn leb128(mut value: u64, out: &mut Vec<u8>) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn section(id: u8, payload: &[u8], out: &mut Vec<u8>) {
+    out.push(id);
+    leb128(payload.len() as u64, out);
+    out.extend_from_slice(payload);
+}
+
+/// `module` with a custom section of `padding` zero bytes appended.
+fn padded(module: &[u8], padding: usize) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(padding + 16);
+    leb128(7, &mut payload);
+    payload.extend_from_slice(b"padding");
+    payload.resize(payload.len() + padding, 0);
+    let mut out = module.to_vec();
+    section(0, &payload, &mut out);
+    out
+}
+
+/// A module of `count` empty functions, the first exported as `_start`.
+fn functions(count: u32) -> Vec<u8> {
+    let mut out = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut out);
+    let mut declared = Vec::new();
+    leb128(count.into(), &mut declared);
+    declared.resize(declared.len() + count as usize, 0);
+    section(3, &declared, &mut out);
+    let mut exports = vec![1, 6];
+    exports.extend_from_slice(b"_start");
+    exports.extend_from_slice(&[0, 0]);
+    section(7, &exports, &mut out);
+    let mut code = Vec::new();
+    leb128(count.into(), &mut code);
+    for _ in 0..count {
+        // Two bytes: no locals, `end`.
+        code.extend_from_slice(&[2, 0, 0x0b]);
+    }
+    section(10, &code, &mut out);
+    out
+}
+
+/// The peak resident memory of a process, in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM")?;
+    Ok(kib << 10)
+}
+
+fn write(node: &Node, name: &str, bytes: &[u8]) -> Result<std::path::PathBuf> {
+    let path = node.temp().join(name);
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_module_runs_and_no_shim_holds_it_in_memory() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    // OCI Wasm artifacts need containerd >= 1.7.7.
+    let binary = tokio::task::spawn_blocking(|| containerd::fetch("1.7.24")).await??;
+    let node = Node::start(binary, NODE_CONFIG).await?;
+    let hello = std::fs::read(bulwark_tests::build_dir().join("guests/hello.wasm"))?;
+    let module = write(&node, "padded.wasm", &padded(&hello, PADDING))?;
+    for format in [Format::Layer, Format::Artifact] {
+        let repo = format!("padded-{}", format!("{format:?}").to_lowercase());
+        let image = node.push_module(&module, &repo, format, None)?;
+        node.cri.pull(&image).await?;
+        let pod = PodSpec::new(&repo).runtime_handler(HANDLER);
+        let pod_id = node.cri.run_pod(&pod).await?;
+        let container = ContainerSpec::new("padded", image).command(["/app.wasm"]);
+        let id = node.cri.create_container(&pod_id, &pod, &container).await?;
+        node.cri.start_container(&id).await?;
+        let done = node.finished(&id, Duration::from_secs(120)).await?;
+        ensure!(
+            (done.exit.exit_code, done.stdout.as_str()) == (0, "hello from bulwark\n"),
+            "{format:?}: exit {}: {}{}",
+            done.exit.exit_code,
+            done.stdout,
+            done.stderr
+        );
+        // The pod's shim is still there (its pod is): it fetched the artifact's layer and
+        // handed the module on without ever holding it.
+        let shims = node.containerd.shim_pids();
+        ensure!(shims.len() == 1, "{format:?}: one shim, not {shims:?}");
+        let peak = peak_rss(shims[0])?;
+        ensure!(
+            peak < (PADDING / 4) as u64,
+            "{format:?}: the shim's peak RSS is {} MiB, against a {} MiB module",
+            peak >> 20,
+            PADDING >> 20
+        );
+        node.cri.remove_container(&id).await?;
+        crate::faults::remove_pod(&node, &pod_id).await?;
+    }
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_too_costly_to_compile_in_its_memory_limit_is_oomkilled_as_in_runc() -> Result<()>
+{
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = Node::start(suite_containerd().await?, NODE_CONFIG).await?;
+
+    // Past the limit: refused by wasmparser before any compilation, the limit named.
+    let too_many = write(&node, "too-many.wasm", &functions(MAX_FUNCTIONS + 1))?;
+    let image = node.push_module(&too_many, "too-many-functions", Format::Layer, None)?;
+    let done = node
+        .run(
+            PodSpec::new("too-many-functions"),
+            ContainerSpec::new("too-many", image).command(["/app.wasm"]),
+        )
+        .await?;
+    ensure!(
+        done.exit.exit_code != 0
+            && done
+                .stderr
+                .contains("functions count exceeds limit of 1000000"),
+        "exit {}: {}",
+        done.exit.exit_code,
+        done.stderr
+    );
+
+    // At the limit: valid, and compiling it needs gigabytes. The kernel kills the workload
+    // in its container's cgroup; kubelet hears OOMKilled, as for the runc container.
+    let million = write(&node, "million.wasm", &functions(MAX_FUNCTIONS))?;
+    let image = node.push_module(&million, "million-functions", Format::Layer, None)?;
+    node.cri.pull(&image).await?;
+    let pod = PodSpec::new("million-functions").runtime_handler(HANDLER);
+    let pod_id = node.cri.run_pod(&pod).await?;
+    let container = ContainerSpec::new("million", image)
+        .command(["/app.wasm"])
+        .memory_limit(MEMORY_LIMIT);
+    let id = node.cri.create_container(&pod_id, &pod, &container).await?;
+    let shims = node.containerd.shim_pids();
+    ensure!(shims.len() == 1, "one shim, not {shims:?}");
+    node.cri.start_container(&id).await?;
+    let wasm = node.cri.wait_exited(&id, Duration::from_secs(300)).await?;
+
+    let busybox = node.images.busybox.clone();
+    node.cri.pull(&busybox).await?;
+    let runc_pod = PodSpec::new("runc-oom");
+    let runc_pod_id = node.cri.run_pod(&runc_pod).await?;
+    // dd's buffer is as big as its block: filling it outgrows the limit.
+    let hog = ContainerSpec::new("hog", busybox)
+        .command([
+            "/bin/busybox",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=128M",
+            "count=1",
+        ])
+        .memory_limit(MEMORY_LIMIT);
+    let runc_id = node
+        .cri
+        .create_container(&runc_pod_id, &runc_pod, &hog)
+        .await?;
+    node.cri.start_container(&runc_id).await?;
+    let runc = node
+        .cri
+        .wait_exited(&runc_id, Duration::from_secs(60))
+        .await?;
+
+    for (who, exit) in [("runc", &runc), ("bulwark", &wasm)] {
+        ensure!(
+            (exit.exit_code, exit.reason.as_str()) == (137, "OOMKilled"),
+            "{who}: exit {} reason {:?} ({})",
+            exit.exit_code,
+            exit.reason,
+            exit.message
+        );
+    }
+    // The shim lived through it and still serves its pod.
+    ensure!(
+        is_alive(shims[0]),
+        "the shim {} died with its workload",
+        shims[0]
+    );
+    node.cri.container_status(&id).await?;
+    for (pod_id, container) in [(&pod_id, &id), (&runc_pod_id, &runc_id)] {
+        node.cri.remove_container(container).await?;
+        crate::faults::remove_pod(&node, pod_id).await?;
+    }
+    node.finish().await
+}
