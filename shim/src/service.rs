@@ -41,6 +41,10 @@ use crate::workload::Gated;
 
 /// How long Delete waits for a created-but-never-started container's process to go.
 const DELETE_WAIT: Duration = Duration::from_secs(10);
+/// How long after its pod sandbox's delete the shim waits for containerd's Shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long the ttrpc server may take to stop once the shim is told to exit.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How many exits of processes no container claimed (yet) are remembered.
 const UNCLAIMED_EXITS: usize = 64;
 
@@ -101,6 +105,13 @@ impl containerd_shim::Shim for BulwarkShim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // containerd-shim next stops its ttrpc server, which waits for every connection's
+        // threads; a shim whose pod is gone must not outlive it if one of them never ends.
+        std::thread::spawn(|| {
+            std::thread::sleep(STOP_GRACE);
+            log::warn!("the ttrpc server did not stop within {STOP_GRACE:?}; exiting");
+            std::process::exit(0);
+        });
         // containerd-shim removes the socket by reading the `address` file in the bundle,
         // which containerd may already have deleted with the sandbox: remove it here.
         if let Some(path) = self.socket.strip_prefix("unix://") {
@@ -116,6 +127,7 @@ impl containerd_shim::Shim for BulwarkShim {
             },
             publisher,
             self.exit.clone(),
+            self.id.clone(),
         )
     }
 }
@@ -309,6 +321,8 @@ pub struct TaskService {
     events: Arc<Events>,
     state: Arc<(Mutex<State>, Condvar)>,
     shutdown: Arc<ExitSignal>,
+    /// The shim's own id: its pod's sandbox, the first container it was started for.
+    sandbox: String,
 }
 
 fn error(code: Code, message: impl Into<String>) -> TtrpcError {
@@ -331,6 +345,7 @@ impl TaskService {
         content: ContentStore,
         publisher: RemotePublisher,
         shutdown: Arc<ExitSignal>,
+        sandbox: String,
     ) -> TaskService {
         let state = Arc::new((
             Mutex::new(State {
@@ -347,6 +362,7 @@ impl TaskService {
             content,
             state,
             shutdown,
+            sandbox,
         };
         service.watch_exits();
         service
@@ -358,6 +374,30 @@ impl TaskService {
 
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         self.events.publish(topic, event);
+    }
+
+    /// After the last container, the pod sandbox, is deleted, containerd's Shutdown comes
+    /// at once; nothing else can join a pod whose sandbox is gone. Once in thousands of pod
+    /// lifecycles that Shutdown was never seen here (containerd ignores a closed
+    /// connection), and the shim outlived its pod: it exits on its own after a grace.
+    fn exit_unless_shut_down(&self) {
+        let state = self.state.clone();
+        let shutdown = self.shutdown.clone();
+        let sandbox = self.sandbox.clone();
+        let spawned = std::thread::Builder::new()
+            .name("orphaned".into())
+            .spawn(move || {
+                std::thread::sleep(SHUTDOWN_GRACE);
+                if state.0.lock().unwrap_or_else(|e| e.into_inner()).containers.is_empty() {
+                    log::warn!(
+                        "no Shutdown {SHUTDOWN_GRACE:?} after the pod sandbox {sandbox} was deleted; exiting"
+                    );
+                    shutdown.signal();
+                }
+            });
+        if let Err(err) = spawned {
+            log::warn!("cannot watch for a missing Shutdown: {err}");
+        }
     }
 
     /// The shim reaps its children (containerd-shim's reaper); exits arrive here by pid.
@@ -858,6 +898,9 @@ impl containerd_shim::Task for TaskService {
         event.exited_at = MessageField::some(timestamp(exit.at));
         self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event));
         log::info!("deleted {}; {remaining} containers left", req.id);
+        if remaining == 0 && req.id == self.sandbox {
+            self.exit_unless_shut_down();
+        }
         let mut response = api::DeleteResponse::new();
         response.pid = container.pid;
         response.exit_status = exit.code;
@@ -955,9 +998,16 @@ impl containerd_shim::Task for TaskService {
         Ok(response)
     }
 
-    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<Empty> {
-        if self.lock().containers.is_empty() {
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<Empty> {
+        let remaining = self.lock().containers.len();
+        if remaining == 0 {
+            log::info!("shutdown after {}: no containers left, exiting", req.id);
             self.shutdown.signal();
+        } else {
+            log::info!(
+                "shutdown after {} ignored: {remaining} containers left",
+                req.id
+            );
         }
         Ok(Empty::new())
     }

@@ -243,7 +243,57 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(20)).await;
             shims = self.containerd.shim_pids();
         }
-        bail!("shims still running after teardown: {shims:?}")
+        let mut report = String::new();
+        for pid in shims {
+            // The shim's `-id` is its pod sandbox's: what containerd logged of it says
+            // which call it missed.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|byte| *byte == 0)
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect();
+            let id = args
+                .iter()
+                .position(|arg| arg == "-id")
+                .and_then(|at| args.get(at + 1))
+                .cloned()
+                .unwrap_or_default();
+            report.push_str(&format!("\nshim {pid} (pod sandbox {id:?}):"));
+            // Where each of its threads waits, in case it was told to exit and hangs.
+            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for task in tasks.flatten() {
+                    let path = task.path();
+                    let read = |name: &str| {
+                        std::fs::read_to_string(path.join(name))
+                            .unwrap_or_default()
+                            .trim()
+                            .to_owned()
+                    };
+                    let state = read("stat");
+                    let state = state
+                        .rsplit(") ")
+                        .next()
+                        .unwrap_or("")
+                        .get(..1)
+                        .unwrap_or("");
+                    report.push_str(&format!(
+                        "\n  thread {} {:?} state {state} wchan {}",
+                        task.file_name().to_string_lossy(),
+                        read("comm"),
+                        read("wchan")
+                    ));
+                }
+            }
+            if !id.is_empty() {
+                let log = self.containerd.log_contents();
+                let lines: Vec<&str> = log.lines().filter(|line| line.contains(&id)).collect();
+                for line in &lines[lines.len().saturating_sub(40)..] {
+                    report.push_str("\n  ");
+                    report.push_str(line);
+                }
+            }
+        }
+        bail!("shims still running after teardown:{report}")
     }
 
     /// Pushes a guest from `make guests` in a format with `bulwark image push`; returns
