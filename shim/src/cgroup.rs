@@ -138,6 +138,14 @@ fn own_paths() -> Vec<(String, String)> {
         .collect()
 }
 
+/// A cgroup's OOM kills as counted when a container was created: see
+/// [`Cgroup::oom_killed_since`].
+#[derive(Debug, Clone, Copy)]
+pub struct OomCount {
+    /// The parent's count (cgroup v2 only).
+    parent: Option<u64>,
+}
+
 impl Cgroup {
     /// Prepares the cgroup for `cgroups_path`: with the cgroupfs driver, creates it and
     /// applies `resources`; with the systemd driver, checks the path (the scope starts when
@@ -417,22 +425,51 @@ impl Cgroup {
         }
     }
 
-    /// How many processes the kernel's OOM killer has killed in the cgroup: the
-    /// `oom_kill` count of memory.events (v2) or memory.oom_control (v1).
-    pub fn oom_kills(&self) -> u64 {
+    /// What [`Cgroup::oom_killed_since`] compares with: taken when the container is
+    /// created, before its workload can run.
+    pub fn oom_count(&self) -> OomCount {
+        OomCount {
+            parent: self.parent_oom_kills(),
+        }
+    }
+
+    /// Whether the kernel's OOM killer killed a process in the cgroup since `start`. The
+    /// cgroup's own count (`oom_kill` in memory.events on v2, memory.oom_control on v1)
+    /// answers while the cgroup exists: with the cgroupfs driver until the shim removes
+    /// it. With the systemd driver, systemd removes a scope's cgroup as soon as its last
+    /// process is gone, often before the exit is handled here (runc has the same race,
+    /// opencontainers/runc#5071): on v2 the parent (the pod's slice), whose counts include
+    /// its children's, then answers by its increase since `start`. On v1 counts are not
+    /// passed up, and such a kill goes unreported, as with runc.
+    pub fn oom_killed_since(&self, start: OomCount) -> bool {
+        match self.dir("memory").and_then(|dir| self.read_oom_kills(dir)) {
+            Some(count) => count > 0,
+            None => matches!(
+                (start.parent, self.parent_oom_kills()),
+                (Some(then), Some(now)) if now > then
+            ),
+        }
+    }
+
+    fn parent_oom_kills(&self) -> Option<u64> {
+        if !self.unified {
+            return None;
+        }
+        let parent = self.dir("memory")?.parent()?;
+        self.read_oom_kills(parent)
+    }
+
+    fn read_oom_kills(&self, dir: &Path) -> Option<u64> {
         let file = if self.unified {
             "memory.events"
         } else {
             "memory.oom_control"
         };
-        self.dir("memory")
-            .and_then(|dir| fs::read_to_string(dir.join(file)).ok())
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|line| line.strip_prefix("oom_kill "))
-                    .and_then(|count| count.trim().parse().ok())
-            })
-            .unwrap_or(0)
+        fs::read_to_string(dir.join(file))
+            .ok()?
+            .lines()
+            .find_map(|line| line.strip_prefix("oom_kill "))
+            .and_then(|count| count.trim().parse().ok())
     }
 
     /// The processes in the cgroup (of every hierarchy it has).

@@ -31,7 +31,7 @@ use containerd_shim::{
 
 use bulwark_runtime::config::{DEFAULT_CONFIG_PATH, NodeConfig};
 
-use crate::cgroup::Cgroup;
+use crate::cgroup::{Cgroup, OomCount};
 use crate::container::{ARTIFACT_MODULE_FILE, ContentStore, PLAN_FILE, Prepared};
 use crate::native::{NativeContainer, NativeStdio};
 use crate::options::config_path_from_options;
@@ -215,6 +215,8 @@ struct Container {
     exit: Option<Exit>,
     /// Its cgroup (for a native container, runc's, read for Stats).
     cgroup: Option<Cgroup>,
+    /// Its cgroup's OOM kills at Create, before its workload could run.
+    oom_start: Option<OomCount>,
     stdio: StdioPaths,
     /// Read ends of its output FIFOs, held while it lives (see [`hold_output_fifos`]).
     _output_readers: Vec<std::fs::File>,
@@ -259,7 +261,11 @@ impl State {
                 // was the workload's (runc's containers report their own OOMs to runc).
                 let oom = (exit.code == 128 + libc::SIGKILL as u32
                     && matches!(container.kind, Kind::Wasm { .. })
-                    && container.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0))
+                    && container
+                        .cgroup
+                        .as_ref()
+                        .zip(container.oom_start)
+                        .is_some_and(|(cgroup, start)| cgroup.oom_killed_since(start)))
                 .then(|| {
                     log::warn!("container {id} was killed by the kernel's OOM killer");
                     let mut event = TaskOOM::new();
@@ -466,6 +472,7 @@ impl TaskService {
                 status: Phase::Created,
                 pid,
                 exit: None,
+                oom_start: cgroup.as_ref().map(Cgroup::oom_count),
                 cgroup,
                 _output_readers: hold_output_fifos(&stdio),
                 stdio,

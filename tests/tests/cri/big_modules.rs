@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use bulwark_tests::harness::cgroups::PodCgroups;
 use bulwark_tests::harness::containerd;
 use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
 use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node};
@@ -197,15 +198,25 @@ async fn a_module_too_costly_to_compile_in_its_memory_limit_is_oomkilled_as_in_r
         .wait_exited(&runc_id, Duration::from_secs(60))
         .await?;
 
-    for (who, exit) in [("runc", &runc), ("bulwark", &wasm)] {
-        ensure!(
-            (exit.exit_code, exit.reason.as_str()) == (137, "OOMKilled"),
-            "{who}: exit {} reason {:?} ({})",
-            exit.exit_code,
-            exit.reason,
-            exit.message
-        );
-    }
+    ensure!(
+        (wasm.exit_code, wasm.reason.as_str()) == (137, "OOMKilled"),
+        "bulwark: exit {} reason {:?} ({})",
+        wasm.exit_code,
+        wasm.reason,
+        wasm.message
+    );
+    // With the systemd driver runc's shim often misses the kill: systemd removes the
+    // scope's cgroup, and its memory.events, before the shim reads it
+    // (opencontainers/runc#5071; containerd skips its own OOMKilled test there). Bulwark
+    // reads the pod slice's count then; runc's reason is held to it only where it is sure.
+    let runc_sure = !matches!(node.containerd.pod_cgroups(), PodCgroups::Systemd);
+    ensure!(
+        runc.exit_code == 137 && (runc.reason == "OOMKilled" || !runc_sure),
+        "runc: exit {} reason {:?} ({})",
+        runc.exit_code,
+        runc.reason,
+        runc.message
+    );
     // The shim lived through it and still serves its pod.
     ensure!(
         is_alive(shims[0]),
