@@ -41,7 +41,7 @@ use crate::workload::Gated;
 
 /// How long Delete waits for a created-but-never-started container's process to go.
 const DELETE_WAIT: Duration = Duration::from_secs(10);
-/// How long after its pod sandbox's delete the shim waits for containerd's Shutdown.
+/// How long after its last container's delete the shim waits for containerd's Shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long the ttrpc server may take to stop once the shim is told to exit.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -382,10 +382,12 @@ impl TaskService {
         self.events.publish(topic, event);
     }
 
-    /// After the last container, the pod sandbox, is deleted, containerd's Shutdown comes
-    /// at once; nothing else can join a pod whose sandbox is gone. Once in thousands of pod
-    /// lifecycles that Shutdown was never seen here (containerd ignores a closed
-    /// connection), and the shim outlived its pod: it exits on its own after a grace.
+    /// Once the last container is deleted, the pod sandbox (always the first to come) is
+    /// gone and nothing can join the pod any more; containerd's Shutdown normally follows
+    /// at once. Once in thousands of pod lifecycles it was never seen here (containerd
+    /// ignores a closed connection), and containerd 2.x sends none after the delete of a
+    /// container that belongs to a sandbox, which may come after the sandbox's own: the
+    /// shim exits on its own after a grace rather than outlive its pod.
     fn exit_unless_shut_down(&self) {
         let state = self.state.clone();
         let shutdown = self.shutdown.clone();
@@ -396,7 +398,7 @@ impl TaskService {
                 std::thread::sleep(SHUTDOWN_GRACE);
                 if state.0.lock().unwrap_or_else(|e| e.into_inner()).containers.is_empty() {
                     log::warn!(
-                        "no Shutdown {SHUTDOWN_GRACE:?} after the pod sandbox {sandbox} was deleted; exiting"
+                        "no Shutdown {SHUTDOWN_GRACE:?} after the last container of pod sandbox {sandbox} was deleted; exiting"
                     );
                     shutdown.signal();
                 }
@@ -905,7 +907,7 @@ impl containerd_shim::Task for TaskService {
         event.exited_at = MessageField::some(timestamp(exit.at));
         self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event));
         log::info!("deleted {}; {remaining} containers left", req.id);
-        if remaining == 0 && req.id == self.sandbox {
+        if remaining == 0 {
             self.exit_unless_shut_down();
         }
         let mut response = api::DeleteResponse::new();
