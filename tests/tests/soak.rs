@@ -1,8 +1,9 @@
 //! The churn soak: pod lifecycles through CRI the way kubelet drives them (RunPodSandbox,
 //! CreateContainer, StartContainer, the exit or a request, StopContainer, RemoveContainer,
 //! StopPodSandbox, RemovePodSandbox), [`CONCURRENCY`] at a time, on containerd 1.7.24 with
-//! a CNI pod network. Every lifecycle checks its own result; at the end nothing may be
-//! left (shims, sockets, mounts, cgroups) and no lifecycle may have failed.
+//! a CNI pod network, with runc pods among them for comparison. Every lifecycle checks its
+//! own result; at the end nothing may be left (shims, sockets, mounts, cgroups) and no
+//! lifecycle may have failed.
 //!
 //! `BULWARK_SOAK_LIFECYCLES` sets how many (default 200, what `make test` and CI run);
 //! `make soak` runs 2,000. It prints the start latency (RunPodSandbox to StartContainer
@@ -46,9 +47,11 @@ enum Kind {
     Volume,
     /// The httpd wasi:http component, answering one request, then stopped.
     Serving,
+    /// busybox `echo` under runc: the same churn through the same containerd, side by side.
+    Runc,
 }
 
-const KINDS: [Kind; 8] = [
+const KINDS: [Kind; 9] = [
     Kind::Hello,
     Kind::Artifact,
     Kind::Restricted,
@@ -57,6 +60,7 @@ const KINDS: [Kind; 8] = [
     Kind::Memory,
     Kind::Volume,
     Kind::Serving,
+    Kind::Runc,
 ];
 
 /// The images of the mix, pushed and pulled once.
@@ -67,6 +71,7 @@ struct Images {
     membomb: String,
     fileio: String,
     httpd: String,
+    busybox: String,
 }
 
 /// How the container of one lifecycle is expected to end.
@@ -128,6 +133,11 @@ fn lifecycle_of(
             pod,
             container(&images.httpd).security(SecurityContext::restricted(Some(65532))),
             Expect::Answer,
+        ),
+        Kind::Runc => (
+            PodSpec::new(&name).pod_network(),
+            container(&images.busybox).command(["/bin/busybox", "echo", "hello from runc"]),
+            Expect::Exit(0, "hello from runc"),
         ),
     }
 }
@@ -224,6 +234,7 @@ async fn pod_lifecycles_churn_without_a_failure_or_a_leak() -> Result<()> {
         membomb: node.push_guest("membomb", Format::Layer)?,
         fileio: node.push_guest("fileio", Format::Layer)?,
         httpd: node.push_component("httpd", Format::Layer)?,
+        busybox: node.images.busybox.clone(),
     };
     for image in [
         &images.hello,
@@ -232,6 +243,7 @@ async fn pod_lifecycles_churn_without_a_failure_or_a_leak() -> Result<()> {
         &images.membomb,
         &images.fileio,
         &images.httpd,
+        &images.busybox,
     ] {
         node.cri.pull(image).await?;
     }
@@ -276,24 +288,30 @@ async fn pod_lifecycles_churn_without_a_failure_or_a_leak() -> Result<()> {
         .await;
     let elapsed = began.elapsed();
 
-    let mut latencies = Vec::new();
+    let (mut wasm, mut runc) = (Vec::new(), Vec::new());
     let mut failures = Vec::new();
     for (index, kind, result) in results {
         match result {
-            Ok(latency) => latencies.push(latency),
+            Ok(latency) if matches!(kind, Kind::Runc) => runc.push(latency),
+            Ok(latency) => wasm.push(latency),
             Err(error) => failures.push(format!("lifecycle {index} ({kind:?}): {error:#}")),
         }
     }
-    if !latencies.is_empty() {
+    println!(
+        "start latency (RunPodSandbox -> StartContainer returned), {:.1} lifecycles/s:",
+        lifecycles as f64 / elapsed.as_secs_f64()
+    );
+    for (what, latencies) in [("Wasm pods", &wasm), ("runc pods", &runc)] {
+        if latencies.is_empty() {
+            continue;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "start latency (RunPodSandbox -> StartContainer returned): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {:.1} lifecycles/s",
-            percentile(&latencies, 50.0).as_secs_f64() * 1e3,
-            percentile(&latencies, 99.0).as_secs_f64() * 1e3,
-            latencies
-                .iter()
-                .max()
-                .map_or(0.0, |d| d.as_secs_f64() * 1e3),
-            lifecycles as f64 / elapsed.as_secs_f64()
+            "  {what:<9} {:>5}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latencies.len(),
+            ms(percentile(latencies, 50.0)),
+            ms(percentile(latencies, 99.0)),
+            latencies.iter().max().map_or(0.0, |d| ms(*d))
         );
     }
     // The leak check first: a failed lifecycle may be what left something behind.
