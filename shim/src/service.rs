@@ -215,7 +215,8 @@ struct Container {
     exit: Option<Exit>,
     /// Its cgroup (for a native container, runc's, read for Stats).
     cgroup: Option<Cgroup>,
-    /// Its cgroup's OOM kills at Create, before its workload could run.
+    /// A Wasm container's cgroup's OOM kills at Create, before its workload could run
+    /// (the sandbox reports none; runc reports a native container's own).
     oom_start: Option<OomCount>,
     stdio: StdioPaths,
     /// Read ends of its output FIFOs, held while it lives (see [`hold_output_fifos`]).
@@ -260,7 +261,6 @@ impl State {
                 // A Wasm container's cgroup holds its workload alone: a kill counted there
                 // was the workload's (runc's containers report their own OOMs to runc).
                 let oom = (exit.code == 128 + libc::SIGKILL as u32
-                    && matches!(container.kind, Kind::Wasm { .. })
                     && container
                         .cgroup
                         .as_ref()
@@ -469,12 +469,15 @@ impl TaskService {
         };
         match created {
             Ok((kind, pid, cgroup)) => Ok(Container {
+                oom_start: cgroup
+                    .as_ref()
+                    .filter(|_| matches!(kind, Kind::Wasm { .. }))
+                    .map(Cgroup::oom_count),
                 bundle,
                 kind,
                 status: Phase::Created,
                 pid,
                 exit: None,
-                oom_start: cgroup.as_ref().map(Cgroup::oom_count),
                 cgroup,
                 _output_readers: hold_output_fifos(&stdio),
                 stdio,
