@@ -12,6 +12,7 @@ use super::containerd::{Containerd, ContainerdOptions, RuntimeHandler};
 use super::cri::{ContainerExit, ContainerSpec, Cri, LogStream, PodSpec};
 use super::images::{TestImages, push_test_images};
 use super::mounts::mounts_under;
+use super::process;
 use super::registry::Registry;
 
 /// The node configuration tests and the demo run under: a default memory limit, ceilings,
@@ -247,11 +248,7 @@ impl Node {
         for pid in shims {
             // The shim's `-id` is its pod sandbox's: what containerd logged of it says
             // which call it missed.
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<String> = cmdline
-                .split(|byte| *byte == 0)
-                .map(|arg| String::from_utf8_lossy(arg).into_owned())
-                .collect();
+            let args = process::arguments(pid);
             let id = args
                 .iter()
                 .position(|arg| arg == "-id")
@@ -260,29 +257,11 @@ impl Node {
                 .unwrap_or_default();
             report.push_str(&format!("\nshim {pid} (pod sandbox {id:?}):"));
             // Where each of its threads waits, in case it was told to exit and hangs.
-            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-                for task in tasks.flatten() {
-                    let path = task.path();
-                    let read = |name: &str| {
-                        std::fs::read_to_string(path.join(name))
-                            .unwrap_or_default()
-                            .trim()
-                            .to_owned()
-                    };
-                    let state = read("stat");
-                    let state = state
-                        .rsplit(") ")
-                        .next()
-                        .unwrap_or("")
-                        .get(..1)
-                        .unwrap_or("");
-                    report.push_str(&format!(
-                        "\n  thread {} {:?} state {state} wchan {}",
-                        task.file_name().to_string_lossy(),
-                        read("comm"),
-                        read("wchan")
-                    ));
-                }
+            for thread in process::threads(pid) {
+                report.push_str(&format!(
+                    "\n  thread {} {:?} state {} wchan {}",
+                    thread.tid, thread.comm, thread.state, thread.wchan
+                ));
             }
             if !id.is_empty() {
                 let log = self.containerd.log_contents();

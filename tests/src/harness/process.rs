@@ -109,10 +109,53 @@ pub fn is_alive(pid: u32) -> bool {
 pub fn pids_with_argument(arg: &str) -> Vec<u32> {
     all_pids()
         .into_iter()
-        .filter(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|cmdline| cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
-                .unwrap_or(false)
+        .filter(|pid| arguments(*pid).iter().any(|a| a == arg))
+        .collect()
+}
+
+/// The command line of `pid`, an argument a string (empty if it is gone).
+pub fn arguments(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| {
+            cmdline
+                .split(|b| *b == 0)
+                .filter(|arg| !arg.is_empty())
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One thread of a process, as `/proc` shows it: what a hung process waits on.
+#[derive(Debug, Clone)]
+pub struct Thread {
+    /// Its thread id.
+    pub tid: u32,
+    /// Its name.
+    pub comm: String,
+    /// Its state letter (`R`, `S`, `D`, ...).
+    pub state: String,
+    /// The kernel function it sleeps in.
+    pub wchan: String,
+}
+
+/// The threads of `pid` (none if it is gone).
+pub fn threads(pid: u32) -> Vec<Thread> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let path = task.path();
+            let read = |name: &str| fs::read_to_string(path.join(name)).unwrap_or_default();
+            let stat = read("stat");
+            Some(Thread {
+                tid: task.file_name().to_str()?.parse().ok()?,
+                comm: read("comm").trim().to_owned(),
+                state: stat_fields(&stat).first().copied().unwrap_or("").to_owned(),
+                wchan: read("wchan").trim().to_owned(),
+            })
         })
         .collect()
 }
