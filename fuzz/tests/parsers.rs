@@ -15,7 +15,7 @@ use bulwark_runtime::image::{Manifest, manifest_in_index};
 use bulwark_runtime::policy::Knob;
 use bulwark_runtime::units::{format_duration, format_memory, parse_duration, parse_memory};
 use bulwark_runtime::{NodeConfig, Policy, Request};
-use bulwark_shim::spec::ContainerSpec;
+use bulwark_shim::bundle::spec::ContainerSpec;
 use serde_json::{Value, json};
 
 /// Tokens of the unit syntaxes and their edge cases.

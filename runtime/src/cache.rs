@@ -26,6 +26,8 @@ use crate::engine::{WasmKind, hex};
 
 /// The node-wide default location, shared by every pod on the node.
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/bulwark/cache";
+/// Overrides the node cache directory, for the CLI and the shim (tests use a private one).
+pub const CACHE_DIR_ENV: &str = "BULWARK_CACHE_DIR";
 
 const MAGIC: &[u8; 16] = b"BULWARK-CACHE-1\n";
 const KEY_LEN: usize = 32;

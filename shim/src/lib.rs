@@ -4,32 +4,28 @@
 //! and the node configuration. This crate translates containerd's world; it holds no
 //! policy.
 //!
-//! - [`service`]: the containerd task service (one shim per pod);
-//! - [`sandbox`]: the pod sandbox's holder process and the pod's namespaces;
-//! - [`spec`] and [`container`]: what a bundle asks for, and a Wasm container prepared
-//!   from it (policy, module, preopened directories, plan);
-//! - [`workload`] and [`lockdown`]: the workload process, and how it locks itself down
-//!   ([`seccomp`] is its system-call allow-list);
-//! - [`cgroup`]: the container's cgroup or systemd scope; [`native`]: sidecars through runc;
-//! - [`spawn`]: the one thread every process of the shim is started from.
+//! Each process and each concern has a folder of its own; lower layers never import
+//! higher ones:
+//!
+//! - [`task`]: the per-pod shim process, containerd's task API (top);
+//! - [`container`]: what a bundle becomes: a Wasm container (its policy, module and plan)
+//!   or a native sidecar run by runc;
+//! - [`process`]: the processes the shim starts, each with its contract, parent and child
+//!   side: the pod sandbox's [`process::holder`], the Wasm [`process::workload`], and the
+//!   [`process::lockdown`] they apply;
+//! - [`cgroup`]: a container's cgroup or systemd scope;
+//! - [`bundle`]: what containerd hands the shim (the OCI spec, rootfs, content store)
+//!   (bottom);
+//! - [`node`] (installing Bulwark on a node) and [`registry`] (pushing images) serve the
+//!   `bulwark` CLI.
 
+pub mod bundle;
 pub mod cgroup;
 pub mod container;
-pub mod content;
-pub mod install;
-pub mod kube;
-pub mod lockdown;
-pub mod native;
-pub mod options;
-pub mod push;
-pub mod restart;
-pub mod sandbox;
-pub mod seccomp;
-pub mod service;
-pub mod spawn;
-pub mod spec;
-pub mod stats;
-pub mod workload;
+pub mod node;
+pub mod process;
+pub mod registry;
+pub mod task;
 
 /// Logs warnings (or what `RUST_LOG` asks for) to stderr as one `bulwark: level: message`
 /// line each: for the CLI, the user's terminal; for a workload, the container's log.

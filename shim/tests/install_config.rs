@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bulwark_shim::install::{
+use bulwark_shim::node::install::{
     BASE_TEMPLATE, ConfigForm, ContainerdTarget, Distribution, POD_ANNOTATIONS, RUNTIME_TYPE,
     add_runtime, remove_runtime,
 };
@@ -370,7 +370,7 @@ fn install_writes_a_node_configuration_only_where_there_is_none() {
     );
     assert_eq!(
         std::fs::read_to_string(&node_config).unwrap(),
-        bulwark_shim::install::DEFAULT_NODE_CONFIG
+        bulwark_shim::node::install::DEFAULT_NODE_CONFIG
     );
     std::fs::write(&node_config, "[ceilings]\nfuel = 5\n").unwrap();
     let output = bulwark(&["install", "--host-root", root, "--no-restart"]);

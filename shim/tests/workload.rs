@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use bulwark_runtime::NodeConfig;
 use bulwark_runtime::policy::{Access, Knob, Policy, Request};
-use bulwark_shim::spec::{Namespace, NamespaceKind, User};
-use bulwark_shim::workload::{self, LOCKDOWN_PROBE_ENV, Launch, Plan, PlannedPreopen};
+use bulwark_shim::bundle::spec::{Namespace, NamespaceKind, User};
+use bulwark_shim::process::workload::parent::Launch;
+use bulwark_shim::process::workload::{LOCKDOWN_PROBE_ENV, Plan, PlannedPreopen};
 
 fn guest(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../build/guests/{name}.wasm"));
@@ -116,7 +117,7 @@ impl Setup {
             termination_log: Some(self.termination_log()),
             namespaces: self.namespaces.clone(),
         };
-        let (reader, writer) = workload::pipe().unwrap();
+        let (reader, writer) = bulwark_shim::process::pipe().unwrap();
         if release {
             use std::io::Write;
             (&writer).write_all(b"1").unwrap();
@@ -536,7 +537,7 @@ fn the_workload_joins_the_pods_namespaces() {
         termination_log: None,
         namespaces: setup.namespaces.clone(),
     };
-    let (reader, _writer) = workload::pipe().unwrap();
+    let (reader, _writer) = bulwark_shim::process::pipe().unwrap();
     let error = launch
         .command(&reader, Path::new("/bin/true"))
         .expect_err("a missing namespace is refused");

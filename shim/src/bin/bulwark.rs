@@ -551,7 +551,7 @@ fn wasm_image(args: &ImageArgs) -> Result<bulwark_runtime::image::Image> {
 }
 
 fn push_image(args: ImagePushArgs) -> Result<ExitCode> {
-    use bulwark_shim::push::{Credentials, Reference, push};
+    use bulwark_shim::registry::{Credentials, Reference, push};
     let reference = Reference::parse(&args.reference).map_err(input)?;
     let credentials = match args.username {
         Some(username) => {
@@ -593,8 +593,8 @@ fn build_image(args: ImageBuildArgs) -> Result<ExitCode> {
 /// (and validated) before anything is changed.
 struct InstallPlan {
     adding: bool,
-    layout: bulwark_shim::install::Layout,
-    target: bulwark_shim::install::ContainerdTarget,
+    layout: bulwark_shim::node::install::Layout,
+    target: bulwark_shim::node::install::ContainerdTarget,
     /// containerd's config as this process reaches it, symlinks followed.
     config_path: PathBuf,
     before: String,
@@ -614,7 +614,7 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
     let kube = match &args.label_node {
         Some(node) if !args.dry_run => Some((
             node.as_str(),
-            bulwark_shim::kube::Client::in_cluster()
+            bulwark_shim::node::kube::Client::in_cluster()
                 .with_context(|| format!("cannot label node {node}"))?,
         )),
         _ => None,
@@ -623,7 +623,7 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
         print_install_plan(&plan, args.label_node.as_deref());
         return Ok(ExitCode::SUCCESS);
     }
-    let label = bulwark_shim::kube::INSTALLED_LABEL;
+    let label = bulwark_shim::node::kube::INSTALLED_LABEL;
     // Off the RuntimeClass's nodes first, so no Wasm pod lands here while it goes.
     if let (Some((node, client)), false) = (&kube, adding) {
         client
@@ -650,7 +650,9 @@ fn install(args: InstallArgs, adding: bool) -> Result<ExitCode> {
 }
 
 fn plan_install(args: &InstallArgs, adding: bool) -> Result<InstallPlan> {
-    use bulwark_shim::install::{ContainerdTarget, DEFAULT_NODE_CONFIG, Layout, resolve_on_node};
+    use bulwark_shim::node::install::{
+        ContainerdTarget, DEFAULT_NODE_CONFIG, Layout, resolve_on_node,
+    };
     let mut layout = Layout {
         host_root: args.host_root.clone(),
         containerd_config: PathBuf::new(),
@@ -733,7 +735,7 @@ fn node_path_of(file: &Path, host_root: &Path) -> Result<PathBuf> {
 fn print_install_plan(plan: &InstallPlan, label_node: Option<&str>) {
     print!(
         "{}",
-        bulwark_shim::install::line_diff(&plan.before, &plan.after)
+        bulwark_shim::node::install::line_diff(&plan.before, &plan.after)
     );
     if let Some(node) = label_node {
         let verb = if plan.adding {
@@ -741,7 +743,7 @@ fn print_install_plan(plan: &InstallPlan, label_node: Option<&str>) {
         } else {
             "remove the label"
         };
-        let label = bulwark_shim::kube::INSTALLED_LABEL;
+        let label = bulwark_shim::node::kube::INSTALLED_LABEL;
         println!("would {verb} {label}=true on node {node}");
     }
     if plan.adding {
@@ -765,7 +767,7 @@ fn print_install_plan(plan: &InstallPlan, label_node: Option<&str>) {
 /// whether anything changed.
 fn change_files(plan: &InstallPlan) -> Result<bool> {
     let write = |path: &Path, bytes: &[u8], mode: u32| -> Result<()> {
-        bulwark_shim::install::write_atomically(path, bytes, mode)
+        bulwark_shim::node::install::write_atomically(path, bytes, mode)
             .with_context(|| format!("cannot write {}", path.display()))
     };
     let mut changed = false;
@@ -819,8 +821,8 @@ fn change_files(plan: &InstallPlan) -> Result<bool> {
 /// Restarts containerd (or what runs it) when something changed, or when an earlier run's
 /// restart did not complete; returns whether containerd serves what the files now say.
 fn apply_change(plan: &InstallPlan, args: &InstallArgs, changed: bool) -> Result<bool> {
-    use bulwark_shim::install::write_atomically;
-    use bulwark_shim::restart::{Applied, apply};
+    use bulwark_shim::node::install::write_atomically;
+    use bulwark_shim::node::restart::{Applied, apply};
     // A restart that failed (or was cut short) in an earlier run left this marker: the files
     // are as wanted, but containerd may not have read them, so restart again.
     let pending = PathBuf::from(format!(
@@ -863,7 +865,7 @@ fn apply_change(plan: &InstallPlan, args: &InstallArgs, changed: bool) -> Result
 /// `bulwark uninstall-nodes`: switches the installer DaemonSet's pods to `uninstall` and
 /// waits until every node has run it.
 fn uninstall_nodes(args: UninstallNodesArgs) -> Result<ExitCode> {
-    use bulwark_shim::kube::Client;
+    use bulwark_shim::node::kube::Client;
     let timeout = bulwark_runtime::units::parse_duration(&args.timeout)
         .map_err(|error| input(format!("--timeout {:?}: {error}", args.timeout)))?;
     let client = Client::in_cluster()?;

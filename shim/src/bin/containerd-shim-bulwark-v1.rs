@@ -4,13 +4,13 @@
 
 use std::path::Path;
 
-use bulwark_shim::{sandbox, workload};
+use bulwark_shim::process::{holder, workload};
 
 fn main() {
     let mut args = std::env::args_os().skip(1);
     let role = args.next();
     let role = role.as_ref().and_then(|arg| arg.to_str());
-    if let Some(role @ (workload::WORKLOAD_ARG | sandbox::SANDBOX_ARG)) = role {
+    if let Some(role @ (workload::WORKLOAD_ARG | holder::SANDBOX_ARG)) = role {
         let Some(path) = args.next() else {
             eprintln!("usage: containerd-shim-bulwark-v1 {role} PATH");
             std::process::exit(2);
@@ -18,8 +18,8 @@ fn main() {
         let path = Path::new(&path);
         std::process::exit(match role {
             workload::WORKLOAD_ARG => workload::main(path),
-            _ => sandbox::main(path),
+            _ => holder::main(path),
         });
     }
-    containerd_shim::run::<bulwark_shim::service::BulwarkShim>("io.containerd.bulwark.v1", None);
+    containerd_shim::run::<bulwark_shim::task::BulwarkShim>("io.containerd.bulwark.v1", None);
 }

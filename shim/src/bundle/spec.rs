@@ -103,6 +103,14 @@ impl NamespaceKind {
     }
 }
 
+/// The namespaces that make a pod: every container joins the sandbox's (or, for a
+/// hostNetwork or hostIPC pod, stays in the node's).
+pub const POD_NAMESPACES: [NamespaceKind; 3] = [
+    NamespaceKind::Network,
+    NamespaceKind::Ipc,
+    NamespaceKind::Uts,
+];
+
 /// One entry of `linux.namespaces`: join the namespace at `path`, or (no path) get a new
 /// one. A kind the spec does not list is shared with the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,6 +313,16 @@ impl ContainerSpec {
             .iter()
             .find(|mount| mount.destination == TERMINATION_LOG)
             .map(|mount| mount.source.clone())
+    }
+
+    /// The namespaces of the pod, as this spec names them: what a process must join (path)
+    /// or get anew (no path) to be in the pod.
+    pub fn pod_namespaces(&self) -> Vec<Namespace> {
+        self.namespaces
+            .iter()
+            .filter(|ns| POD_NAMESPACES.contains(&ns.kind))
+            .cloned()
+            .collect()
     }
 
     /// Which trusted host directory holds a container path: the bind mount that covers it

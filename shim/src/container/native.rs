@@ -4,7 +4,7 @@
 //!
 //! The shim gives runc a copy of the bundle's config.json whose root path is absolute (runc
 //! runs it from a directory of its own). Its namespace paths name the pod sandbox's holder
-//! (`/proc/<holder pid>/ns/...`, see [`crate::sandbox`]), so a sidecar shares the pod's
+//! (`/proc/<holder pid>/ns/...`, see [`crate::process::holder`]), so a sidecar shares the pod's
 //! network, IPC and UTS namespaces exactly as in a runc pod.
 //!
 //! runc's state lives in the bundle, so nothing of it outlives the container's Delete.

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use cgroups_rs::systemd::props::PropertiesBuilder;
 use cgroups_rs::systemd::{Property, SystemdClient, cpu, memory, pids, utils::expand_slice};
 
-use crate::spec::CpuResources;
+use crate::bundle::spec::CpuResources;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The v1 controllers Bulwark places a workload in and limits.

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::install::{ContainerdTarget, Distribution};
+use super::install::{ContainerdTarget, Distribution};
 
 /// containerd's config when its command line names none.
 const DEFAULT_CONFIG: &str = "/etc/containerd/config.toml";

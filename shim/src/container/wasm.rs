@@ -7,32 +7,19 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use bulwark_runtime::cache::DEFAULT_CACHE_DIR;
+use bulwark_runtime::cache::{CACHE_DIR_ENV, DEFAULT_CACHE_DIR};
 use bulwark_runtime::config::NodeConfig;
 use bulwark_runtime::engine::{WasmKind, detect_kind};
 use bulwark_runtime::policy::{Access, Policy, Request};
 
-use crate::cgroup::{Cgroup, Resources};
-use crate::content::{IMAGE_NAME, fetch_wasm_layer};
-use crate::spec::ContainerSpec;
-use crate::workload::{Launch, Plan, PlannedPreopen};
+use crate::bundle::content::{IMAGE_NAME, fetch_wasm_layer};
+use crate::bundle::spec::ContainerSpec;
+use crate::bundle::{ARTIFACT_MODULE_FILE, ContentStore, PLAN_FILE};
+use crate::cgroup::Cgroup;
+use crate::process::workload::parent::Launch;
+use crate::process::workload::{Plan, PlannedPreopen};
 
-/// Overrides the node cache directory (tests use a private one).
-pub const CACHE_DIR_ENV: &str = "BULWARK_CACHE_DIR";
-
-/// The plan's file in the bundle.
-pub const PLAN_FILE: &str = "bulwark-plan.json";
-/// Where a Wasm artifact's module is written in the bundle.
-pub const ARTIFACT_MODULE_FILE: &str = "bulwark-module.wasm";
-
-/// Where containerd keeps images, for Wasm artifacts (whose module is a layer, not a file).
-#[derive(Debug, Clone)]
-pub struct ContentStore {
-    /// containerd's gRPC address.
-    pub address: String,
-    /// The containerd namespace (`k8s.io`).
-    pub namespace: String,
-}
+use super::{Prepared, create_cgroup};
 
 /// A Wasm container ready to start: its plan written, its cgroup made, its descriptors open.
 #[derive(Debug)]
@@ -43,15 +30,6 @@ pub struct WasmContainer {
     pub cgroup: Option<Cgroup>,
 }
 
-/// What a container turned out to be.
-#[derive(Debug)]
-pub enum Prepared {
-    /// A Wasm container.
-    Wasm(Box<WasmContainer>),
-    /// A native container, on a node that allows them (runc runs it).
-    Native,
-}
-
 /// Prepares the container of `bundle` (rootfs mounted), whose spec is `spec`.
 pub fn prepare(
     bundle: &Path,
@@ -59,7 +37,7 @@ pub fn prepare(
     config: &NodeConfig,
     content: &ContentStore,
 ) -> Result<Prepared, String> {
-    crate::sandbox::check_supported(spec)?;
+    super::check_supported(spec)?;
     let policy = resolve_policy(spec, config)?;
     let entrypoint = spec.args.first().ok_or(
         "the container has no entrypoint: set command to the wasm file, e.g. [\"/app.wasm\"]",
@@ -108,25 +86,10 @@ pub fn prepare(
             module,
             preopens,
             termination_log,
-            namespaces: crate::sandbox::pod_namespaces(spec),
+            namespaces: spec.pod_namespaces(),
         },
         cgroup,
     })))
-}
-
-/// The container's cgroup, made with the spec's resources (see [`Cgroup::create`]).
-pub fn create_cgroup(spec: &ContainerSpec) -> Result<Option<Cgroup>, String> {
-    let Some(path) = &spec.cgroups_path else {
-        return Ok(None);
-    };
-    let resources = Resources {
-        memory_limit: spec.memory_limit,
-        cpu: spec.cpu,
-        pids_limit: spec.pids_limit,
-    };
-    Cgroup::create(path, &resources)
-        .map(Some)
-        .map_err(|e| e.to_string())
 }
 
 fn resolve_policy(spec: &ContainerSpec, config: &NodeConfig) -> Result<Policy, String> {

@@ -1,6 +1,17 @@
-//! Where the shim's own processes (pod sandboxes, Wasm workloads) come from: one thread that
-//! lives as long as the shim.
+//! The processes the shim starts, each in a folder of its own with its contract (`mod.rs`:
+//! what the two sides agree on), its parent side (`parent.rs`: how the shim starts it) and
+//! its child side (`child.rs`: what it runs):
 //!
+//! - [`holder`]: the pod sandbox's holder, in the pod's namespaces;
+//! - [`workload`]: one Wasm container, which loads its module, locks itself down
+//!   ([`lockdown`]) and runs the guest.
+//!
+//! This module is what they share: where they are started from, the descriptors they
+//! inherit, and the QoS kubelet asks for.
+//!
+//! # The spawner thread
+//!
+//! Every process the shim starts comes from one thread that lives as long as the shim.
 //! Those processes ask the kernel to SIGKILL them when their parent goes
 //! (`PR_SET_PDEATHSIG`), so that a shim that is itself SIGKILLed leaves nothing running. But
 //! the kernel sends that signal when the parent *thread* ends, and the ttrpc server ends its
@@ -8,8 +19,14 @@
 //! die with it. Starting every process from this thread makes "the parent ended" mean
 //! "the shim ended".
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::mpsc;
+
+pub mod holder;
+pub mod lockdown;
+pub mod workload;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -67,12 +84,12 @@ pub struct ProcessLimits {
     /// The OOM score adjustment.
     pub oom_score_adj: Option<i32>,
     /// Resource limits.
-    pub rlimits: Vec<crate::spec::Rlimit>,
+    pub rlimits: Vec<crate::bundle::spec::Rlimit>,
 }
 
 impl ProcessLimits {
     /// The limits `spec` asks for.
-    pub fn of(spec: &crate::spec::ContainerSpec) -> ProcessLimits {
+    pub fn of(spec: &crate::bundle::spec::ContainerSpec) -> ProcessLimits {
         ProcessLimits {
             oom_score_adj: spec.oom_score_adj,
             rlimits: spec.rlimits.clone(),
@@ -111,4 +128,45 @@ impl ProcessLimits {
         }
         Ok(())
     }
+}
+
+/// The shim's own binary, for starting its workload and holder processes: the running
+/// file itself, which stays valid when an upgrade replaces the file at the shim's path.
+pub const SELF_EXE: &str = "/proc/self/exe";
+
+/// A close-on-exec pipe: a process's gate (the read end goes to the child, the write end
+/// releases it), or its status report.
+pub fn pipe() -> std::io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors, which we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    unsafe { Ok((File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))) }
+}
+
+/// Makes `fds` the descriptors `first`, `first + 1`, ... of this (forked) process, without
+/// close-on-exec. Async-signal-safe. Copies go above the target range first, so a source
+/// that already sits on a target number is never overwritten before it is moved.
+pub fn place_descriptors(fds: &[OwnedFd], first: RawFd) -> std::io::Result<()> {
+    let above = first + fds.len() as RawFd;
+    let mut copies = [0 as RawFd; 64];
+    if fds.len() > copies.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    for (copy, fd) in copies.iter_mut().zip(fds) {
+        // SAFETY: fcntl on a descriptor we own; the copy is close-on-exec.
+        *copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above) };
+        if *copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (target, copy) in (first..).zip(&copies[..fds.len()]) {
+        // SAFETY: dup2 onto a number we are making ours; it clears close-on-exec.
+        if unsafe { libc::dup2(*copy, target) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

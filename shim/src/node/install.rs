@@ -824,7 +824,7 @@ root = "/data/containerd"
 
     #[test]
     fn the_default_node_config_asks_for_nothing() {
-        let config = crate::install::DEFAULT_NODE_CONFIG;
+        let config = crate::node::install::DEFAULT_NODE_CONFIG;
         assert_eq!(
             bulwark_runtime::NodeConfig::parse(config, "default").unwrap(),
             bulwark_runtime::NodeConfig::default()
