@@ -25,11 +25,9 @@ fn policy() -> Policy {
 
 fn runtime() -> Runtime {
     Runtime::new(RuntimeOptions {
-        cache: None,
         allocation: Allocation::OnDemand,
         // No watchdog thread that could end this process: fuel bounds every run.
         deadline: DeadlineMode::Epoch,
-        parallel_compilation: false,
     })
 }
 

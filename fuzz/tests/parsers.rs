@@ -12,7 +12,8 @@ use std::time::Duration;
 use bulwark_fuzz::{Result, Unstructured, fuzz, pick, text};
 use bulwark_runtime::config::{Capabilities, Limits};
 use bulwark_runtime::image::{Manifest, manifest_in_index};
-use bulwark_runtime::policy::Knob;
+use bulwark_runtime::policy::{Knob, ServingSizing};
+use bulwark_runtime::serve::INSTANCE_OVERHEAD;
 use bulwark_runtime::units::{format_duration, format_memory, parse_duration, parse_memory};
 use bulwark_runtime::{NodeConfig, Policy, Request};
 use bulwark_shim::bundle::spec::ContainerSpec;
@@ -192,6 +193,7 @@ fn node_config(u: &mut Unstructured<'_>) -> Result<NodeConfig> {
             allow_network: u.arbitrary()?,
             allow_without_landlock: u.arbitrary()?,
         },
+        compile: Default::default(),
     })
 }
 
@@ -227,14 +229,40 @@ fn assert_within_node(policy: &Policy, config: &NodeConfig, what: &str) {
             policy.network
         );
     }
-    if let Ok(serving) = policy.serving()
-        && let Some(ceiling) = ceilings.concurrency
-    {
-        assert!(
-            serving.concurrency.value <= ceiling,
-            "{what}: concurrency {:?} vs ceiling {ceiling}",
-            serving.concurrency
-        );
+    // A component of 1 MiB initial memory in a runtime that holds 16 MiB.
+    let sizing = ServingSizing {
+        initial_memory: 1 << 20,
+        footprint: 16 << 20,
+        instance_overhead: INSTANCE_OVERHEAD,
+    };
+    if let Ok(serving) = policy.serving(&sizing) {
+        if let Some(ceiling) = ceilings.concurrency {
+            assert!(
+                serving.concurrency.value <= ceiling,
+                "{what}: concurrency {:?} vs ceiling {ceiling}",
+                serving.concurrency
+            );
+        }
+        // Every instance at once, and the runtime, inside the container's memory limit.
+        if let Some(limit) = policy.container_memory {
+            let each = serving
+                .instance_memory
+                .as_ref()
+                .map(|memory| memory.value)
+                .expect("a container memory limit caps every instance")
+                + sizing.instance_overhead;
+            let all = u64::from(serving.concurrency.value) * each + sizing.footprint;
+            assert!(
+                all <= limit,
+                "{what}: {} instances of {each} bytes and the runtime's {} exceed {limit}",
+                serving.concurrency.value,
+                sizing.footprint
+            );
+            assert!(
+                each - sizing.instance_overhead >= sizing.initial_memory,
+                "{what}: an instance below the component's initial memory: {serving:?}"
+            );
+        }
     }
 }
 

@@ -11,6 +11,7 @@
  *   fileio truncate PATH        truncate(PATH, 0)
  *   fileio ls DIR               entry names sorted by strcmp, one per line, no . / ..
  *   fileio symlink TARGET LINK  symlink(TARGET, LINK)
+ *   fileio fill PATH MIB        create/truncate PATH, write MIB mebibytes of zeros
  *
  * Success: exit 0 (mkdir/rm/rmdir/rename/truncate/symlink print nothing).
  * Failure: "fileio: OP PATH: STRERROR\n" on stderr, exit 1, where PATH is the
@@ -37,7 +38,7 @@ static int fail(void) {
 
 static int usage(void) {
     fputs("usage: fileio read PATH | write PATH TEXT | append PATH TEXT | mkdir PATH |\n"
-          "              rm PATH | rmdir PATH | rename FROM TO | truncate PATH |\n"
+          "              rm PATH | rmdir PATH | rename FROM TO | truncate PATH | fill PATH MIB |\n"
           "              ls DIR | symlink TARGET LINKPATH\n",
           stderr);
     return 2;
@@ -83,6 +84,23 @@ static int do_read(const char *path) {
     }
     close(fd);
     return 0;
+}
+
+static int do_fill(const char *path, const char *mib) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0)
+        return fail();
+    static char zeros[1 << 16];
+    long chunks = atol(mib) * 16;
+    for (long i = 0; i < chunks; i++) {
+        if (write_all(fd, zeros, sizeof zeros) < 0) {
+            int saved = errno;
+            close(fd);
+            errno = saved;
+            return fail();
+        }
+    }
+    return close(fd) == 0 ? 0 : fail();
 }
 
 static int do_write(const char *path, const char *text, int append) {
@@ -173,6 +191,8 @@ int main(int argc, char **argv) {
         return rename(a, b) == 0 ? 0 : fail();
     if (strcmp(op, "truncate") == 0 && nargs == 1)
         return truncate(a, 0) == 0 ? 0 : fail();
+    if (strcmp(op, "fill") == 0 && nargs == 2)
+        return do_fill(a, b);
     if (strcmp(op, "ls") == 0 && nargs == 1)
         return do_ls(a);
     if (strcmp(op, "symlink") == 0 && nargs == 2) {

@@ -12,6 +12,10 @@
 //! allow_native = false
 //! allow_network = false
 //! allow_without_landlock = false
+//! [compile]             # compiling a module is the runtime's own work, bounded here
+//! memory = "2Gi"        # the most one compilation may use
+//! concurrency = 2       # compilations at once on the node
+//! module_size = "512Mi" # the largest module (or component) the node takes
 //! ```
 //!
 //! A missing file means no defaults and no ceilings; a malformed one is an error, never
@@ -54,6 +58,27 @@ pub struct Capabilities {
     pub allow_without_landlock: bool,
 }
 
+/// The bounds of the runtime's own work of compiling modules, on bytes nobody trusts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompileLimits {
+    /// The most memory one compilation may use; over it, the container fails, naming it.
+    pub memory: u64,
+    /// Compilations at once on the node; more wait for one to finish.
+    pub concurrency: u32,
+    /// The largest module (or component) the node takes, in bytes.
+    pub module_size: u64,
+}
+
+impl Default for CompileLimits {
+    fn default() -> Self {
+        CompileLimits {
+            memory: 2 << 30,
+            concurrency: 2,
+            module_size: 512 << 20,
+        }
+    }
+}
+
 /// The admin's defaults and ceilings for one node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -63,6 +88,8 @@ pub struct NodeConfig {
     pub ceilings: Limits,
     /// Capabilities beyond plain Wasm compute.
     pub capabilities: Capabilities,
+    /// Bounds of compiling modules.
+    pub compile: CompileLimits,
 }
 
 /// A node configuration that could not be used.
@@ -121,6 +148,16 @@ struct RawConfig {
     ceilings: RawLimits,
     #[serde(default)]
     capabilities: RawCapabilities,
+    #[serde(default)]
+    compile: RawCompile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCompile {
+    memory: Option<RawQuantity>,
+    concurrency: Option<u32>,
+    module_size: Option<RawQuantity>,
 }
 
 #[derive(Deserialize, Default)]
@@ -202,6 +239,7 @@ impl NodeConfig {
                 allow_network: raw.capabilities.allow_network,
                 allow_without_landlock: raw.capabilities.allow_without_landlock,
             },
+            compile: raw.compile.resolve(origin)?,
         };
         config.check_defaults_within_ceilings(origin)?;
         Ok(config)
@@ -266,14 +304,10 @@ impl RawLimits {
             ),
             None => None,
         };
-        let memory = match self.memory {
-            Some(RawQuantity::Bytes(bytes)) => Some(bytes),
-            Some(RawQuantity::Text(text)) => Some(
-                units::parse_memory(&text)
-                    .map_err(|error| bad("memory", &text, error.to_string()))?,
-            ),
-            None => None,
-        };
+        let memory = self
+            .memory
+            .map(|quantity| quantity.bytes(|text, reason| bad("memory", text, reason)))
+            .transpose()?;
         if self.concurrency == Some(0) {
             return Err(bad(
                 "concurrency",
@@ -286,6 +320,51 @@ impl RawLimits {
             timeout,
             memory,
             concurrency: self.concurrency,
+        })
+    }
+}
+
+impl RawQuantity {
+    fn bytes(self, bad: impl FnOnce(&str, String) -> ConfigError) -> Result<u64, ConfigError> {
+        match self {
+            RawQuantity::Bytes(bytes) => Ok(bytes),
+            RawQuantity::Text(text) => {
+                units::parse_memory(&text).map_err(|error| bad(&text, error.to_string()))
+            }
+        }
+    }
+}
+
+impl RawCompile {
+    fn resolve(self, origin: &str) -> Result<CompileLimits, ConfigError> {
+        let bad = |key: &str, value: &str, reason: String| ConfigError::Value {
+            origin: origin.to_owned(),
+            key: format!("compile.{key}"),
+            value: value.to_owned(),
+            reason,
+        };
+        let defaults = CompileLimits::default();
+        let quantity = |key: &str, value: Option<RawQuantity>, default: u64| {
+            let bytes = match value {
+                Some(quantity) => quantity.bytes(|text, reason| bad(key, text, reason))?,
+                None => default,
+            };
+            if bytes == 0 {
+                return Err(bad(key, "0", "a quantity above zero, such as 2Gi".into()));
+            }
+            Ok(bytes)
+        };
+        if self.concurrency == Some(0) {
+            return Err(bad(
+                "concurrency",
+                "0",
+                "a number of compilations above zero".into(),
+            ));
+        }
+        Ok(CompileLimits {
+            memory: quantity("memory", self.memory, defaults.memory)?,
+            concurrency: self.concurrency.unwrap_or(defaults.concurrency),
+            module_size: quantity("module_size", self.module_size, defaults.module_size)?,
         })
     }
 }

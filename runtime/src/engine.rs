@@ -5,8 +5,11 @@
 //! workload that asks for neither runs code with neither. The flavor is part of the
 //! engine's compatibility fingerprint, so precompiled artifacts never mix flavors.
 
+use std::collections::HashMap;
 use std::hash::Hasher;
+use std::sync::{Mutex, OnceLock};
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -15,8 +18,12 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// below what would hurt a node.
 pub const MAX_TABLE_ELEMENTS: usize = 1_000_000;
 
+/// The stack each instance of an async (serving) engine runs on: Wasmtime's default, named
+/// because serving mode counts it in each instance's memory.
+pub const ASYNC_STACK_SIZE: usize = 2 << 20;
+
 /// Which limits are compiled into the code of an engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Flavor {
     /// Fuel metering (`bulwark.dev/fuel`).
     pub fuel: bool,
@@ -30,6 +37,103 @@ impl Flavor {
         fuel: false,
         epoch: false,
     };
+}
+
+/// What a policy needs compiled into the code, before anything is known of the module:
+/// whether it serves HTTP (which always counts epochs, see [`crate::serve`]) is learnt
+/// when it is compiled, and decides the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FlavorRequest {
+    /// Fuel metering (`bulwark.dev/fuel`).
+    pub fuel: bool,
+    /// Epoch checks for a program's deadline (the in-engine deadline mode).
+    pub epoch: bool,
+}
+
+impl FlavorRequest {
+    /// The flavor a module with these facts is compiled for.
+    pub fn flavor(self, facts: &Facts) -> Flavor {
+        Flavor {
+            fuel: self.fuel,
+            epoch: self.epoch || facts.serves_http,
+        }
+    }
+}
+
+/// What compiling a module learns of its bytes, which the processes that load its
+/// artifact need but may not parse themselves: what it is, whether it is served, what one
+/// instance holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    /// A core module or a component.
+    pub kind: WasmKind,
+    /// Whether it is a component that exports `wasi:http/incoming-handler` (served).
+    pub serves_http: bool,
+    /// What one instance of it holds.
+    pub shape: ComponentShape,
+    /// Bytes of linear memory one instance starts with: the initial sizes of all the
+    /// memories its modules define.
+    pub initial_memory: u64,
+    /// Bytes of the module (or component) itself.
+    pub size: u64,
+}
+
+impl Facts {
+    /// Learns the facts of `wasm` in one pass over its sections.
+    pub fn of(wasm: &[u8]) -> Result<Facts, NotWasm> {
+        use wasmparser::Payload;
+        let kind = detect_kind(wasm)?;
+        let mut shape = ComponentShape {
+            core_instances: u32::from(kind == WasmKind::Module),
+            memories: 0,
+            tables: 0,
+        };
+        let mut initial_memory = 0u64;
+        let mut depth = 0usize;
+        let mut serves_http = false;
+        for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+            let payload = payload.map_err(|error| NotWasm(format!("malformed: {error}")))?;
+            match payload {
+                Payload::ModuleSection { .. } => {
+                    shape.core_instances += 1;
+                    depth += 1;
+                }
+                Payload::ComponentSection { .. } => depth += 1,
+                Payload::End(_) => depth = depth.saturating_sub(1),
+                Payload::MemorySection(memories) => {
+                    shape.memories += memories.count();
+                    for memory in memories {
+                        let memory =
+                            memory.map_err(|error| NotWasm(format!("malformed: {error}")))?;
+                        let page = 1u64 << memory.page_size_log2.unwrap_or(16);
+                        initial_memory =
+                            initial_memory.saturating_add(memory.initial.saturating_mul(page));
+                    }
+                }
+                Payload::TableSection(tables) => shape.tables += tables.count(),
+                Payload::InstanceSection(instances) => shape.core_instances += instances.count(),
+                // Only the component's own exports count, not those of components nested in it.
+                Payload::ComponentExportSection(exports) if depth == 0 => {
+                    serves_http |= exports.into_iter().any(|export| {
+                        export.is_ok_and(|export| {
+                            export
+                                .name
+                                .name
+                                .starts_with("wasi:http/incoming-handler@0.2.")
+                        })
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(Facts {
+            kind,
+            serves_http,
+            shape,
+            initial_memory,
+            size: wasm.len() as u64,
+        })
+    }
 }
 
 /// How instances get their memory.
@@ -55,7 +159,7 @@ pub enum Allocation {
 
 /// What one instance of a component holds: core instances, memories and tables, counted in
 /// its binary (an upper bound: every module instantiated once).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentShape {
     /// Core module instances.
     pub core_instances: u32,
@@ -63,32 +167,6 @@ pub struct ComponentShape {
     pub memories: u32,
     /// Tables defined by its modules.
     pub tables: u32,
-}
-
-impl ComponentShape {
-    /// Counts what `component` (a component binary) instantiates.
-    pub fn of(component: &[u8]) -> Result<ComponentShape, NotWasm> {
-        use wasmparser::Payload;
-        let mut shape = ComponentShape {
-            core_instances: 0,
-            memories: 0,
-            tables: 0,
-        };
-        for payload in wasmparser::Parser::new(0).parse_all(component) {
-            let payload =
-                payload.map_err(|error| NotWasm(format!("malformed component: {error}")))?;
-            match payload {
-                Payload::ModuleSection { .. } => shape.core_instances += 1,
-                Payload::MemorySection(memories) => shape.memories += memories.count(),
-                Payload::TableSection(tables) => shape.tables += tables.count(),
-                Payload::InstanceSection(instances) => {
-                    shape.core_instances += instances.count();
-                }
-                _ => {}
-            }
-        }
-        Ok(shape)
-    }
 }
 
 /// The engine could not be configured (a platform without what Wasmtime needs).
@@ -110,6 +188,7 @@ pub fn build_engine(
     // without serving the workloads Bulwark runs.
     config.wasm_memory64(false);
     config.wasm_component_model(true);
+    config.async_stack_size(ASYNC_STACK_SIZE);
     match allocation {
         Allocation::OnDemand => {}
         Allocation::Pooling { instances } => {
@@ -161,8 +240,24 @@ pub fn fingerprint(engine: &Engine) -> String {
     hex(&hasher.0.finalize()[..16])
 }
 
+/// The fingerprint of the engine for `flavor` (see [`fingerprint`]), worked out once per
+/// process: what names a flavor's entries in the module cache.
+pub fn fingerprint_of(flavor: Flavor) -> Result<String, EngineError> {
+    static FINGERPRINTS: OnceLock<Mutex<HashMap<Flavor, String>>> = OnceLock::new();
+    let mut known = FINGERPRINTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(fingerprint) = known.get(&flavor) {
+        return Ok(fingerprint.clone());
+    }
+    let fingerprint = fingerprint(&build_engine(flavor, Allocation::OnDemand, false)?);
+    known.insert(flavor, fingerprint.clone());
+    Ok(fingerprint)
+}
+
 /// What a WebAssembly binary is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WasmKind {
     /// A core module (WASI preview 1, `_start`).
     Module,
@@ -170,40 +265,17 @@ pub enum WasmKind {
     Component,
 }
 
-/// Whether a component exports `wasi:http/incoming-handler` (0.2.x): it is served (see
-/// [`crate::serve`]), not run to its end. Only the component's own exports count, not
-/// those of components nested in it; bytes that do not parse export nothing.
-pub fn serves_http(component: &[u8]) -> bool {
-    use wasmparser::Payload;
-    let mut depth = 0usize;
-    for payload in wasmparser::Parser::new(0).parse_all(component) {
-        match payload {
-            Ok(Payload::ModuleSection { .. } | Payload::ComponentSection { .. }) => depth += 1,
-            Ok(Payload::End(_)) => depth = depth.saturating_sub(1),
-            Ok(Payload::ComponentExportSection(exports)) if depth == 0 => {
-                let serves = exports.into_iter().any(|export| {
-                    export.is_ok_and(|export| {
-                        export
-                            .name
-                            .name
-                            .starts_with("wasi:http/incoming-handler@0.2.")
-                    })
-                });
-                if serves {
-                    return true;
-                }
-            }
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
 /// Bytes that are not a WebAssembly binary Bulwark runs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a WebAssembly module or component: {0}")]
 pub struct NotWasm(String);
+
+impl NotWasm {
+    /// What the bytes are instead.
+    pub fn reason(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Tells a core module from a component by the binary header, and says what the bytes are
 /// when they are neither, so a user who passed the wrong file knows which file it was.

@@ -227,6 +227,15 @@ pub enum EntryKind {
         /// Where it points.
         target: String,
     },
+    /// A named pipe.
+    Fifo,
+    /// A character device node.
+    CharDevice {
+        /// Its major number.
+        major: u32,
+        /// Its minor number.
+        minor: u32,
+    },
 }
 
 impl LayerEntry {
@@ -246,6 +255,14 @@ impl LayerEntry {
         LayerEntry {
             path: path.into(),
             kind: EntryKind::Dir { mode },
+        }
+    }
+
+    /// A node of `kind`: a FIFO or a device, as hostile images carry them.
+    pub fn node(path: impl Into<String>, kind: EntryKind) -> LayerEntry {
+        LayerEntry {
+            path: path.into(),
+            kind,
         }
     }
 
@@ -433,6 +450,22 @@ pub fn tar_layer(entries: &[LayerEntry]) -> Result<Vec<u8>, ImageError> {
                 header.set_size(0);
                 builder
                     .append_data(&mut header, format!("{path}/"), std::io::empty())
+                    .map_err(io(&path))?;
+            }
+            EntryKind::Fifo | EntryKind::CharDevice { .. } => {
+                let (entry_type, (major, minor)) = match kind {
+                    EntryKind::CharDevice { major, minor } => {
+                        (tar::EntryType::Char, (*major, *minor))
+                    }
+                    _ => (tar::EntryType::Fifo, (0, 0)),
+                };
+                header.set_entry_type(entry_type);
+                header.set_mode(0o644);
+                header.set_size(0);
+                header.set_device_major(major).map_err(io(&path))?;
+                header.set_device_minor(minor).map_err(io(&path))?;
+                builder
+                    .append_data(&mut header, &path, std::io::empty())
                     .map_err(io(&path))?;
             }
             EntryKind::Symlink { target } => {

@@ -14,6 +14,7 @@
 //! is the policy a pod gets.
 
 pub mod cache;
+pub mod compile;
 pub mod config;
 pub mod engine;
 pub mod image;

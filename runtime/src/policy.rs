@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::NodeConfig;
-use crate::units::{self, format_duration, format_memory};
+use crate::units::{self, format_duration, format_memory, format_size};
 
 /// The prefix of every annotation Bulwark reads; any other key under it is an error.
 pub const ANNOTATION_PREFIX: &str = "bulwark.dev/";
@@ -173,7 +173,7 @@ pub enum PolicyError {
     },
     /// Serving mode: the instances asked for do not fit in the container's memory limit.
     #[error(
-        "{key}: {concurrency} instances of {memory} each need {needed}, more than the {budget} the container's memory limit leaves for them (less what the runtime keeps): lower the concurrency or the memory per instance, or raise the container's memory limit"
+        "{key}: {concurrency} instances of {memory} each do not fit: {figures}, so {fits} fit: lower the concurrency or the memory per instance, or raise the container's memory limit"
     )]
     ServingOverBudget {
         /// The concurrency annotation or flag.
@@ -182,10 +182,30 @@ pub enum PolicyError {
         concurrency: u32,
         /// Memory per instance.
         memory: String,
-        /// What they need together.
-        needed: String,
-        /// What the container leaves for them.
-        budget: String,
+        /// The budget's figures.
+        figures: String,
+        /// How many fit.
+        fits: u32,
+    },
+    /// Serving mode: not even one instance fits in the container's memory limit.
+    #[error(
+        "the component cannot be served in this container: {figures}: raise the container's memory limit (resources.limits.memory)"
+    )]
+    NoInstanceFits {
+        /// The budget's figures.
+        figures: String,
+    },
+    /// Serving mode: a memory limit per instance below what the component starts with.
+    #[error(
+        "{key}: {memory} per instance is below the {initial} of linear memory the component starts with: no instance could be made"
+    )]
+    BelowInitialMemory {
+        /// Where the limit came from (the annotation, or the node's setting).
+        key: String,
+        /// The limit.
+        memory: String,
+        /// The component's initial memory.
+        initial: String,
     },
 }
 
@@ -243,15 +263,21 @@ pub enum LimitSource {
     },
     /// Bulwark's own default (nothing in the request or the node configuration says).
     BuiltIn,
-    /// Serving mode: the container's memory limit, less the runtime's reserve, shared by
-    /// this many instances.
+    /// Serving mode: the container's memory limit, less the runtime's measured footprint
+    /// and a margin, shared by this many instances.
     ContainerMemoryShare {
         /// The container's memory limit in bytes.
         limit: u64,
-        /// The part of it kept for the runtime, in bytes.
+        /// The part of it the runtime holds, with its margin, in bytes.
         reserve: u64,
         /// Instances that share the rest.
         instances: u32,
+    },
+    /// Serving mode: derived from the component's initial memory (see
+    /// [`derived_instance_memory`]).
+    ComponentInitialMemory {
+        /// The component's initial memory in bytes.
+        initial: u64,
     },
 }
 
@@ -274,10 +300,32 @@ impl fmt::Display for LimitSource {
                 instances,
             } => write!(
                 f,
-                "container memory limit {}, less {} kept for the runtime, shared by {instances} instances",
-                format_memory(*limit),
-                format_memory(*reserve)
+                "container memory limit {}, less {} the runtime holds, shared by {instances} instances",
+                format_size(*limit),
+                format_size(*reserve)
             ),
+            LimitSource::ComponentInitialMemory { initial } => write!(
+                f,
+                "the component's initial memory of {} and room to grow",
+                format_size(*initial)
+            ),
+        }
+    }
+}
+
+impl LimitSource {
+    /// The setting a user would change: the annotation or flag, or the node
+    /// configuration's key (`defaults.memory`).
+    pub fn setting(&self, knob: Knob) -> String {
+        match self {
+            LimitSource::Requested(key) => key.clone(),
+            LimitSource::NodeDefault => {
+                format!("defaults.{} in the node configuration", knob.name())
+            }
+            LimitSource::NodeCeiling => {
+                format!("ceilings.{} in the node configuration", knob.name())
+            }
+            other => other.to_string(),
         }
     }
 }
@@ -308,6 +356,8 @@ pub struct Request {
     raw: BTreeMap<Knob, String>,
     /// The annotation each knob was set through, where it is not the plain one.
     keys: BTreeMap<Knob, String>,
+    /// Keys `bulwark.dev/<knob>.<name>` for containers other than this one, with the name.
+    for_other_containers: BTreeSet<(String, String)>,
 }
 
 impl Request {
@@ -335,7 +385,17 @@ impl Request {
             metrics: None,
             raw: BTreeMap::new(),
             keys: BTreeMap::new(),
+            for_other_containers: BTreeSet::new(),
         }
+    }
+
+    /// The `bulwark.dev/<knob>.<container>` keys that name another container than the one
+    /// read for, with that container's name: they apply elsewhere, or, if the pod has no
+    /// such container, nowhere (a typo the pod's author should hear of).
+    pub fn for_other_containers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.for_other_containers
+            .iter()
+            .map(|(key, name)| (key.as_str(), name.as_str()))
     }
 
     /// Reads the `bulwark.dev/*` keys of a container's annotations; other keys are not
@@ -347,6 +407,7 @@ impl Request {
         container: Option<&str>,
     ) -> Result<Request, PolicyError> {
         let mut chosen: BTreeMap<Knob, (bool, &str, &str)> = BTreeMap::new();
+        let mut others = BTreeSet::new();
         for (key, value) in annotations {
             let Some(rest) = key.strip_prefix(ANNOTATION_PREFIX) else {
                 continue;
@@ -362,8 +423,21 @@ impl Request {
             })?;
             let specific = match for_container {
                 None => false,
+                Some(name) if !is_container_name(name) => {
+                    return Err(PolicyError::Malformed {
+                        key: key.to_owned(),
+                        value: value.to_owned(),
+                        expected: format!(
+                            "a key bulwark.dev/{}.<container name>, and {name:?} is no container name (lowercase letters, digits and '-', at most 63)",
+                            knob.name()
+                        ),
+                    });
+                }
                 Some(name) if Some(name) == container => true,
-                Some(_) => continue,
+                Some(name) => {
+                    others.insert((key.to_owned(), name.to_owned()));
+                    continue;
+                }
             };
             let entry = chosen.entry(knob).or_insert((specific, key, value));
             if specific {
@@ -371,6 +445,7 @@ impl Request {
             }
         }
         let mut request = Request::annotations();
+        request.for_other_containers = others;
         for (knob, (specific, key, value)) in chosen {
             if specific {
                 request.keys.insert(knob, key.to_owned());
@@ -488,6 +563,13 @@ pub const DEFAULT_LISTEN: SocketAddr =
 
 /// Requests served at once when nothing (annotation, node default, memory budget) says.
 pub const DEFAULT_CONCURRENCY: u32 = 64;
+
+/// The least room to grow an instance gets beyond the component's initial memory when
+/// nothing says how much memory it may have (see [`derived_instance_memory`]).
+pub const INSTANCE_GROWTH: u64 = 16 << 20;
+
+/// The least margin a serving process keeps inside its container's memory limit.
+const SERVING_MARGIN_MIN: u64 = 4 << 20;
 
 /// What a workload asked of serving mode, before its memory budget is shared out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -627,78 +709,118 @@ impl Policy {
         }
     }
 
-    /// Serving mode's figures. Requests in flight at most: the concurrency asked for (or the
-    /// node's default), else as many instances of the memory limit as the container's
-    /// memory budget holds, else [`DEFAULT_CONCURRENCY`] (never above the node's ceiling).
-    /// All instances together stay inside the container's memory limit less the runtime's
-    /// reserve: each gets at most its share of it.
-    pub fn serving(&self) -> Result<Serving, PolicyError> {
+    /// Serving mode's figures: how many requests run at once and how much memory each
+    /// one's instance may hold.
+    ///
+    /// Without a container memory limit: the concurrency asked for (or the node's default,
+    /// else [`DEFAULT_CONCURRENCY`]) and the policy's memory limit per instance.
+    ///
+    /// With one, everything must fit in it: the runtime's own `footprint` (measured once the
+    /// component is loaded), a margin, and every instance at once, each its memory limit
+    /// plus its `instance_overhead`. What the pod asked for is kept or refused with the
+    /// figures; what it left to defaults is derived: memory per instance from the
+    /// component's initial memory ([`derived_instance_memory`]), as many instances as fit
+    /// (at most [`DEFAULT_CONCURRENCY`]), and a node default that does not fit shrinks to
+    /// what does. A pod that asks for nothing starts whenever one instance fits; one whose
+    /// limit cannot hold a single instance is refused.
+    pub fn serving(&self, sizing: &ServingSizing) -> Result<Serving, PolicyError> {
         let request = &self.serve;
         let ceiling = request.concurrency_ceiling.unwrap_or(u32::MAX);
-        let Some(limit) = self.container_memory else {
-            let concurrency = request.concurrency.clone().unwrap_or(Limit {
-                value: DEFAULT_CONCURRENCY.min(ceiling),
-                source: LimitSource::BuiltIn,
-            });
-            return Ok(self.settle_serving(concurrency, self.memory.clone()));
-        };
-        let reserve = runtime_reserve(limit);
-        let budget = limit - reserve;
-        let share = |instances: u32| Limit {
-            value: budget / u64::from(instances.max(1)),
-            source: LimitSource::ContainerMemoryShare {
-                limit,
-                reserve,
-                instances,
-            },
-        };
-        // A memory limit of its own (not the container's whole budget) sets how many fit.
+        let initial = sizing.initial_memory;
+        // A memory limit of the policy's own (not the container's whole budget).
         let own_memory = self
             .memory
             .clone()
             .filter(|memory| !matches!(memory.source, LimitSource::ContainerMemoryLimit { .. }));
-        let concurrency = match (&request.concurrency, &own_memory) {
-            (Some(concurrency), Some(memory)) => {
-                let needed = u64::from(concurrency.value).saturating_mul(memory.value);
-                if needed > budget && matches!(memory.source, LimitSource::Requested(_)) {
+        if let Some(memory) = &own_memory
+            && memory.value < initial
+        {
+            return Err(PolicyError::BelowInitialMemory {
+                key: memory.source.setting(Knob::Memory),
+                memory: format_size(memory.value),
+                initial: format_size(initial),
+            });
+        }
+        let default_concurrency = || Limit {
+            value: DEFAULT_CONCURRENCY.min(ceiling),
+            source: LimitSource::BuiltIn,
+        };
+        let Some(limit) = self.container_memory else {
+            let concurrency = request
+                .concurrency
+                .clone()
+                .unwrap_or_else(default_concurrency);
+            return Ok(self.settle_serving(concurrency, own_memory));
+        };
+        let budget = ServingBudget::new(limit, sizing);
+        if budget.instances(initial) == 0 {
+            return Err(PolicyError::NoInstanceFits {
+                figures: budget.describe(initial),
+            });
+        }
+        let derived = Limit {
+            value: derived_instance_memory(initial),
+            source: LimitSource::ComponentInitialMemory { initial },
+        };
+        let requested = |limit: &Limit<u64>| matches!(limit.source, LimitSource::Requested(_));
+        // Memory per instance: the policy's, else derived from the component; a value the
+        // pod did not ask for itself shrinks to what one instance can have.
+        let memory = match own_memory {
+            Some(memory) if requested(&memory) && budget.instances(memory.value) == 0 => {
+                return Err(PolicyError::NoInstanceFits {
+                    figures: format!(
+                        "{} of {} per instance ({})",
+                        budget.describe(memory.value),
+                        format_size(memory.value),
+                        memory.source
+                    ),
+                });
+            }
+            Some(memory) => memory,
+            None => derived,
+        };
+        let memory = if budget.instances(memory.value) == 0 {
+            budget.share(1)
+        } else {
+            memory
+        };
+        let (concurrency, memory) = match &request.concurrency {
+            Some(concurrency) => {
+                let fits = budget.instances(memory.value);
+                if fits >= concurrency.value {
+                    (concurrency.clone(), memory)
+                } else if requested(&memory) || budget.share(concurrency.value).value < initial {
                     return Err(PolicyError::ServingOverBudget {
                         key: match &concurrency.source {
                             LimitSource::Requested(key) => key.clone(),
                             _ => "defaults.concurrency".into(),
                         },
                         concurrency: concurrency.value,
-                        memory: format_memory(memory.value),
-                        needed: format_memory(needed),
-                        budget: format_memory(budget),
+                        memory: format_size(memory.value),
+                        figures: budget.describe(memory.value),
+                        fits,
                     });
+                } else {
+                    (concurrency.clone(), budget.share(concurrency.value))
                 }
-                concurrency.clone()
             }
-            (Some(concurrency), None) => concurrency.clone(),
-            (None, Some(memory)) => {
-                let instances = u32::try_from(budget / memory.value.max(1))
-                    .unwrap_or(u32::MAX)
-                    .clamp(1, ceiling);
-                Limit {
-                    value: instances,
-                    source: LimitSource::ContainerMemoryShare {
-                        limit,
-                        reserve,
-                        instances,
+            None => {
+                let cap = if requested(&memory) {
+                    ceiling
+                } else {
+                    DEFAULT_CONCURRENCY.min(ceiling)
+                };
+                let instances = budget.instances(memory.value).clamp(1, cap);
+                (
+                    Limit {
+                        value: instances,
+                        source: budget.source(instances),
                     },
-                }
+                    memory,
+                )
             }
-            (None, None) => Limit {
-                value: DEFAULT_CONCURRENCY.min(ceiling),
-                source: LimitSource::BuiltIn,
-            },
         };
-        let own_share = share(concurrency.value);
-        let memory = match own_memory {
-            Some(memory) if memory.value <= own_share.value => Some(memory),
-            _ => Some(own_share),
-        };
-        Ok(self.settle_serving(concurrency, memory))
+        Ok(self.settle_serving(concurrency, Some(memory)))
     }
 
     fn settle_serving(&self, concurrency: Limit<u32>, memory: Option<Limit<u64>>) -> Serving {
@@ -729,6 +851,93 @@ impl Policy {
 /// What the workload process keeps for itself inside a container memory limit.
 fn runtime_reserve(container_limit: u64) -> u64 {
     RUNTIME_MEMORY_RESERVE.min(container_limit / 4)
+}
+
+/// Memory per instance when neither the pod nor the node says: the component's initial
+/// memory, and room to grow by as much again, at least [`INSTANCE_GROWTH`].
+pub fn derived_instance_memory(initial: u64) -> u64 {
+    initial.saturating_add(initial.max(INSTANCE_GROWTH))
+}
+
+/// What serving mode's figures depend on besides the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServingSizing {
+    /// Bytes of linear memory one instance starts with (the component's own figure).
+    pub initial_memory: u64,
+    /// Bytes the serving process holds itself once the component is loaded, measured
+    /// (zero for the upper bound worked out before it is loaded).
+    pub footprint: u64,
+    /// Bytes one instance costs beyond its linear memory and tables: its stack and its
+    /// host state.
+    pub instance_overhead: u64,
+}
+
+/// A container memory limit, less what is not the instances'.
+struct ServingBudget {
+    limit: u64,
+    footprint: u64,
+    margin: u64,
+    overhead: u64,
+}
+
+impl ServingBudget {
+    fn new(limit: u64, sizing: &ServingSizing) -> ServingBudget {
+        ServingBudget {
+            limit,
+            footprint: sizing.footprint,
+            margin: serving_margin(limit),
+            overhead: sizing.instance_overhead,
+        }
+    }
+
+    /// What the instances may hold together.
+    fn left(&self) -> u64 {
+        self.limit
+            .saturating_sub(self.footprint)
+            .saturating_sub(self.margin)
+    }
+
+    /// How many instances of `memory` each fit.
+    fn instances(&self, memory: u64) -> u32 {
+        let each = memory.saturating_add(self.overhead).max(1);
+        u32::try_from(self.left() / each).unwrap_or(u32::MAX)
+    }
+
+    /// The memory each of `instances` instances may have.
+    fn share(&self, instances: u32) -> Limit<u64> {
+        Limit {
+            value: (self.left() / u64::from(instances.max(1))).saturating_sub(self.overhead),
+            source: self.source(instances),
+        }
+    }
+
+    fn source(&self, instances: u32) -> LimitSource {
+        LimitSource::ContainerMemoryShare {
+            limit: self.limit,
+            reserve: self.footprint.saturating_add(self.margin),
+            instances,
+        }
+    }
+
+    /// The figures, for an instance of `memory`.
+    fn describe(&self, memory: u64) -> String {
+        format!(
+            "the container's memory limit of {} holds the runtime ({} measured, {} margin) and leaves {} for instances; one instance needs {} ({} of linear memory and {} of stack and host state)",
+            format_size(self.limit),
+            format_size(self.footprint),
+            format_size(self.margin),
+            format_size(self.left()),
+            format_size(memory.saturating_add(self.overhead)),
+            format_size(memory),
+            format_size(self.overhead),
+        )
+    }
+}
+
+/// What a serving process keeps beyond its measured footprint and its instances: page
+/// tables, connection buffers and what the kernel charges as they come and go.
+fn serving_margin(limit: u64) -> u64 {
+    (limit / 32).max(SERVING_MARGIN_MIN)
 }
 
 fn resolve_limit<T: Copy + PartialOrd>(
@@ -800,6 +1009,17 @@ fn parse_dirs(value: &str) -> Result<Vec<DirGrant>, String> {
         });
     }
     Ok(grants)
+}
+
+/// Whether `name` can be a container's name: a lowercase RFC 1123 label, as Kubernetes
+/// requires of them.
+fn is_container_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// `/a//b/./c/` -> `/a/b/c`; `None` for relative paths and paths that climb with `..`.
@@ -888,6 +1108,7 @@ mod tests {
 
     fn config_with_ceilings() -> NodeConfig {
         NodeConfig {
+            compile: Default::default(),
             defaults: Limits {
                 fuel: None,
                 timeout: None,
@@ -1179,8 +1400,20 @@ mod tests {
         assert_eq!(admin.fuel.unwrap().value, 1000);
         assert_eq!(admin.serve.listen, "0.0.0.0:9001".parse().unwrap());
 
-        // Another container's key is not this one's business, even when malformed.
+        // Another container's key is not this one's business, even when malformed; it is
+        // known, so that one naming no container of the pod can be pointed out.
         let other = for_container(&[("bulwark.dev/fuel.web", "lots")], "side").unwrap();
+        assert_eq!(
+            other.for_other_containers().collect::<Vec<_>>(),
+            [("bulwark.dev/fuel.web", "web")]
+        );
+        // A suffix that no container could be named is a malformed key.
+        let err = for_container(&[("bulwark.dev/fuel.Web_1", "1")], "side").unwrap_err();
+        assert!(
+            err.to_string().contains("bulwark.dev/fuel.Web_1")
+                && err.to_string().contains("no container name"),
+            "{err}"
+        );
         assert_eq!(
             Policy::resolve(&config, &other)
                 .unwrap()
@@ -1242,7 +1475,7 @@ mod tests {
         let metrics = annotations(&[("bulwark.dev/metrics", "9090")]).unwrap();
         let policy = Policy::resolve(&NodeConfig::default(), &metrics).unwrap();
         assert_eq!(
-            policy.serving().unwrap().metrics,
+            policy.serving(&SIZING).unwrap().metrics,
             Some("0.0.0.0:9090".parse().unwrap())
         );
     }
@@ -1262,79 +1495,164 @@ mod tests {
         assert!(Policy::resolve(&config, &at).is_ok());
     }
 
-    #[test]
-    fn serving_shares_the_container_memory_among_instances() {
-        let empty = NodeConfig::default();
-        let serving = |pairs: &[(&str, &str)], container: Option<u64>| {
-            let mut policy = Policy::resolve(&empty, &annotations(pairs).unwrap()).unwrap();
-            if let Some(limit) = container {
-                policy.bound_by_container_memory(limit);
-            }
-            policy.serving()
-        };
+    /// A component of 8 MiB initial memory, a runtime that measured 24 MiB, 2 MiB beside
+    /// each instance.
+    const SIZING: ServingSizing = ServingSizing {
+        initial_memory: 8 << 20,
+        footprint: 24 << 20,
+        instance_overhead: 2 << 20,
+    };
 
-        // No limits anywhere: the built-in concurrency, no memory cap.
-        let open = serving(&[], None).unwrap();
+    /// Serving figures for `pairs` on `config`, in a container of `container` bytes.
+    fn serving_on(
+        config: &NodeConfig,
+        pairs: &[(&str, &str)],
+        container: Option<u64>,
+    ) -> Result<Serving, PolicyError> {
+        let mut policy = Policy::resolve(config, &annotations(pairs).unwrap()).unwrap();
+        if let Some(limit) = container {
+            policy.bound_by_container_memory(limit);
+        }
+        policy.serving(&SIZING)
+    }
+
+    #[test]
+    fn serving_without_a_container_limit_takes_what_the_policy_says() {
+        let empty = NodeConfig::default();
+        let open = serving_on(&empty, &[], None).unwrap();
         assert_eq!(open.concurrency.value, DEFAULT_CONCURRENCY);
         assert_eq!(open.concurrency.source, LimitSource::BuiltIn);
         assert_eq!(open.instance_memory, None);
-
-        // A container limit alone: the default concurrency, each instance its share.
-        let shared = serving(&[], Some(272 << 20)).unwrap();
-        assert_eq!(shared.concurrency.value, DEFAULT_CONCURRENCY);
-        let memory = shared.instance_memory.unwrap();
-        assert_eq!(memory.value, (256 << 20) / u64::from(DEFAULT_CONCURRENCY));
-        assert!(
-            memory.source.to_string().contains("shared by 64 instances"),
-            "{}",
-            memory.source
-        );
-
-        // An instance size alone: as many instances as the budget holds.
-        let derived = serving(&[("bulwark.dev/memory", "16Mi")], Some(272 << 20)).unwrap();
-        assert_eq!(derived.concurrency.value, 16);
-        assert_eq!(derived.instance_memory.unwrap().value, 16 << 20);
-
-        // Both, fitting: kept as asked.
-        let both = serving(
+        let asked = serving_on(
+            &empty,
             &[
-                ("bulwark.dev/memory", "8Mi"),
-                ("bulwark.dev/concurrency", "10"),
+                ("bulwark.dev/memory", "32Mi"),
+                ("bulwark.dev/concurrency", "7"),
             ],
-            Some(272 << 20),
+            None,
         )
         .unwrap();
-        assert_eq!(both.concurrency.value, 10);
-        assert_eq!(both.instance_memory.unwrap().value, 8 << 20);
+        assert_eq!(asked.concurrency.value, 7);
+        assert_eq!(asked.instance_memory.unwrap().value, 32 << 20);
+        // Below what the component starts with: no instance could ever be made.
+        let error = serving_on(&empty, &[("bulwark.dev/memory", "4Mi")], None)
+            .unwrap_err()
+            .to_string();
+        for part in ["bulwark.dev/memory", "4Mi", "8Mi"] {
+            assert!(error.contains(part), "{part} missing from: {error}");
+        }
+    }
 
-        // Both, not fitting: refused with the figures.
-        let err = serving(
+    #[test]
+    fn a_pod_that_asks_for_nothing_gets_instances_derived_from_the_component() {
+        let empty = NodeConfig::default();
+        // 512Mi less 24Mi measured and a 16Mi margin: 472Mi for instances of 8Mi + 16Mi to
+        // grow, 2Mi beside each: 18 of them.
+        let served = serving_on(&empty, &[], Some(512 << 20)).unwrap();
+        let memory = served.instance_memory.unwrap();
+        assert_eq!(memory.value, derived_instance_memory(8 << 20));
+        assert_eq!(memory.value, 24 << 20);
+        assert_eq!(served.concurrency.value, 472 / 26);
+        assert!(
+            served.concurrency.source.to_string().contains("512Mi"),
+            "{}",
+            served.concurrency.source
+        );
+        // Never more than the built-in concurrency when nothing was asked.
+        let big = serving_on(&empty, &[], Some(64 << 30)).unwrap();
+        assert_eq!(big.concurrency.value, DEFAULT_CONCURRENCY);
+        // A small limit that holds one instance, not a derived one: it starts, with what
+        // there is.
+        let small = serving_on(&empty, &[], Some(40 << 20)).unwrap();
+        assert_eq!(small.concurrency.value, 1);
+        let memory = small.instance_memory.unwrap().value;
+        assert!((8 << 20..24 << 20).contains(&memory), "{memory}");
+        // A limit that cannot hold one: refused with the figures.
+        let error = serving_on(&empty, &[], Some(32 << 20))
+            .unwrap_err()
+            .to_string();
+        for part in ["32Mi", "24Mi measured", "one instance needs 10Mi"] {
+            assert!(error.contains(part), "{part} missing from: {error}");
+        }
+    }
+
+    #[test]
+    fn what_a_pod_asks_for_is_kept_or_refused_with_the_figures() {
+        let empty = NodeConfig::default();
+        let limit = Some(512 << 20);
+        // Memory asked: as many instances as fit.
+        let memory = serving_on(&empty, &[("bulwark.dev/memory", "256Mi")], limit).unwrap();
+        assert_eq!(memory.concurrency.value, 1);
+        assert_eq!(memory.instance_memory.unwrap().value, 256 << 20);
+        let error = serving_on(&empty, &[("bulwark.dev/memory", "480Mi")], limit)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("bulwark.dev/memory") && error.contains("480Mi"),
+            "{error}"
+        );
+        // Concurrency asked: each instance its share, if that still holds the component.
+        let shared = serving_on(&empty, &[("bulwark.dev/concurrency", "4")], limit).unwrap();
+        assert_eq!(shared.concurrency.value, 4);
+        assert_eq!(
+            shared.instance_memory.unwrap().value,
+            derived_instance_memory(8 << 20)
+        );
+        let error = serving_on(&empty, &[("bulwark.dev/concurrency", "100")], limit)
+            .unwrap_err()
+            .to_string();
+        for part in ["bulwark.dev/concurrency", "100", "fit"] {
+            assert!(error.contains(part), "{part} missing from: {error}");
+        }
+        // Both: kept when they fit, else refused.
+        let both = serving_on(
+            &empty,
             &[
-                ("bulwark.dev/memory", "8Mi"),
-                ("bulwark.dev/concurrency", "100"),
+                ("bulwark.dev/memory", "16Mi"),
+                ("bulwark.dev/concurrency", "10"),
             ],
-            Some(272 << 20),
+            limit,
+        )
+        .unwrap();
+        assert_eq!(
+            (both.concurrency.value, both.instance_memory.unwrap().value),
+            (10, 16 << 20)
+        );
+        let error = serving_on(
+            &empty,
+            &[
+                ("bulwark.dev/memory", "16Mi"),
+                ("bulwark.dev/concurrency", "40"),
+            ],
+            limit,
         )
         .unwrap_err()
         .to_string();
-        for part in ["bulwark.dev/concurrency", "100", "8Mi", "800Mi", "256Mi"] {
-            assert!(err.contains(part), "{part} missing from: {err}");
+        for part in ["40 instances of 16Mi", "472Mi", "so 26 fit"] {
+            assert!(error.contains(part), "{part} missing from: {error}");
         }
+    }
 
-        // Concurrency alone: each instance gets its share of the budget.
-        let capped = serving(&[("bulwark.dev/concurrency", "4")], Some(272 << 20)).unwrap();
-        assert_eq!(capped.instance_memory.unwrap().value, 64 << 20);
+    #[test]
+    fn a_node_default_that_does_not_fit_shrinks_to_what_does() {
+        let mut config = NodeConfig::default();
+        config.defaults.memory = Some(100 << 20);
+        let served = serving_on(&config, &[], Some(128 << 20)).unwrap();
+        assert_eq!(served.concurrency.value, 1);
+        let memory = served.instance_memory.unwrap();
+        assert_eq!(
+            memory.value,
+            (128 << 20) - (24 << 20) - (4 << 20) - (2 << 20)
+        );
     }
 
     #[test]
     fn derived_concurrency_stays_under_the_node_ceiling() {
         let mut config = NodeConfig::default();
         config.ceilings.concurrency = Some(8);
-        let request = annotations(&[("bulwark.dev/memory", "1Mi")]).unwrap();
-        let mut policy = Policy::resolve(&config, &request).unwrap();
-        policy.bound_by_container_memory(1 << 30);
-        assert_eq!(policy.serving().unwrap().concurrency.value, 8);
-        let policy = Policy::resolve(&config, &annotations(&[]).unwrap()).unwrap();
-        assert_eq!(policy.serving().unwrap().concurrency.value, 8);
+        let served = serving_on(&config, &[("bulwark.dev/memory", "9Mi")], Some(1 << 30)).unwrap();
+        assert_eq!(served.concurrency.value, 8);
+        let served = serving_on(&config, &[], Some(1 << 30)).unwrap();
+        assert_eq!(served.concurrency.value, 8);
     }
 }

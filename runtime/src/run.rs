@@ -4,23 +4,29 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap, WasmBacktrace};
+use wasmtime::{
+    Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap, UpdateDeadline,
+    WasmBacktrace,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::sync::CommandPre;
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::cache::{CacheError, CacheEvent, ModuleCache, module_digest};
+use crate::cache::Artifact;
+use crate::compile::{CompileError, compile_here};
 use crate::engine::{
-    Allocation, EngineError, Flavor, MAX_TABLE_ELEMENTS, NotWasm, WasmKind, build_engine,
-    detect_kind, fingerprint,
+    Allocation, EngineError, Flavor, FlavorRequest, MAX_TABLE_ELEMENTS, NotWasm, WasmKind,
+    build_engine,
 };
 use crate::policy::{Access, DirGrant, Limit, Policy};
 use crate::units::{Bytes, format_duration};
@@ -54,27 +60,30 @@ pub enum DeadlineMode {
     Epoch,
 }
 
+impl FlavorRequest {
+    /// What `policy` needs compiled into the code when deadlines are kept by `deadline`.
+    pub fn of(policy: &Policy, deadline: DeadlineMode) -> FlavorRequest {
+        FlavorRequest {
+            fuel: policy.fuel.is_some(),
+            epoch: policy.timeout.is_some() && deadline == DeadlineMode::Epoch,
+        }
+    }
+}
+
 /// How a [`Runtime`] is set up.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct RuntimeOptions {
-    /// The node's module cache; `None` compiles in memory every time.
-    pub cache: Option<ModuleCache>,
     /// Instance allocation strategy.
     pub allocation: Allocation,
     /// Deadline enforcement.
     pub deadline: DeadlineMode,
-    /// Compile on a pool of threads. Off where the process must stay single-threaded
-    /// until it has locked itself down (the shim's workload process).
-    pub parallel_compilation: bool,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
         RuntimeOptions {
-            cache: None,
             allocation: Allocation::OnDemand,
             deadline: DeadlineMode::ProcessWatchdog,
-            parallel_compilation: true,
         }
     }
 }
@@ -89,6 +98,9 @@ pub enum RunError {
     /// The bytes are WebAssembly but do not validate or compile.
     #[error("invalid WebAssembly: {0}")]
     Invalid(String),
+    /// A compiled artifact could not be loaded (made for another engine or CPU).
+    #[error("cannot load the compiled module: {0}")]
+    Artifact(String),
     /// The binary needs something Bulwark does not provide (an import, an entry point).
     #[error("cannot run it: {0}")]
     Link(String),
@@ -103,9 +115,9 @@ pub enum RunError {
     /// The engine could not be built.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// The module cache failed in a way that is not the module's fault.
+    /// The module could not be compiled for a reason that is not its own.
     #[error(transparent)]
-    Cache(CacheError),
+    Compile(CompileError),
     /// The policy cannot be served as asked (serving mode's figures do not fit).
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
@@ -120,6 +132,16 @@ pub enum RunError {
     /// The server could not be set up or run.
     #[error("{0}")]
     Serve(String),
+}
+
+impl From<CompileError> for RunError {
+    fn from(error: CompileError) -> Self {
+        match error {
+            CompileError::NotWasm(not_wasm) => RunError::NotWasm(not_wasm),
+            CompileError::Invalid(message) => RunError::Invalid(message),
+            other => RunError::Compile(other),
+        }
+    }
 }
 
 /// How a run ended. Limits end a run with a fixed exit code and a one-line reason.
@@ -268,17 +290,10 @@ impl Runtime {
         }
     }
 
-    /// Whether this runtime compiles on a pool of threads.
-    pub(crate) fn parallel_compilation(&self) -> bool {
-        self.options.parallel_compilation
-    }
-
-    /// Which limits a policy needs compiled into the code.
-    pub fn flavor(&self, policy: &Policy) -> Flavor {
-        Flavor {
-            fuel: policy.fuel.is_some(),
-            epoch: policy.timeout.is_some() && self.options.deadline == DeadlineMode::Epoch,
-        }
+    /// Which limits a policy needs compiled into the code (whether the module serves HTTP
+    /// decides the rest: [`FlavorRequest::flavor`]).
+    pub fn flavor_request(&self, policy: &Policy) -> FlavorRequest {
+        FlavorRequest::of(policy, self.options.deadline)
     }
 
     /// The engine for a flavor, built once.
@@ -287,11 +302,8 @@ impl Runtime {
         if let Some(engine) = engines.get(&flavor) {
             return Ok(engine.clone());
         }
-        let engine = build_engine(
-            flavor,
-            self.options.allocation,
-            self.options.parallel_compilation,
-        )?;
+        // Engines here only load artifacts: they never compile.
+        let engine = build_engine(flavor, self.options.allocation, false)?;
         if flavor.epoch {
             start_epoch_ticker(&engine);
         }
@@ -299,39 +311,30 @@ impl Runtime {
         Ok(engine)
     }
 
-    /// Every flavor this runtime may pick for some policy: what `bulwark compile` warms.
-    pub fn flavors(&self) -> Vec<Flavor> {
-        let epochs: &[bool] = match self.options.deadline {
-            DeadlineMode::ProcessWatchdog => &[false],
-            DeadlineMode::Epoch => &[false, true],
-        };
-        [false, true]
-            .into_iter()
-            .flat_map(|fuel| epochs.iter().map(move |&epoch| Flavor { fuel, epoch }))
-            .collect()
-    }
-
-    /// Compiles a module or component for `flavor` into the cache (if it is not there yet),
-    /// so that its first run starts fast. `None` when the runtime has no cache.
-    pub fn precompile(&self, flavor: Flavor, wasm: &[u8]) -> Result<Option<CacheEvent>, RunError> {
-        let kind = detect_kind(wasm)?;
-        let engine = self.engine(flavor)?;
-        let (_, event) = self.artifact(&engine, kind, wasm)?;
-        Ok(event)
-    }
-
-    /// Compiles (or loads from the cache) a module or component for `policy` and links it
-    /// against WASI, ready to instantiate many times.
+    /// Compiles `wasm` in this process and loads it for `policy`: for tests, benchmarks and
+    /// trusted modules (the shim and the CLI load artifacts their compile step wrote, with
+    /// [`Runtime::load_artifact`]).
     pub fn load(&self, policy: &Policy, wasm: &[u8]) -> Result<Loaded, RunError> {
-        let kind = detect_kind(wasm)?;
-        let flavor = self.flavor(policy);
+        let artifact = compile_here(wasm, self.flavor_request(policy))?;
+        self.load_artifact(policy, &artifact)
+    }
+
+    /// Loads a precompiled artifact for `policy` and links it against WASI, ready to
+    /// instantiate many times.
+    pub fn load_artifact(&self, policy: &Policy, artifact: &Artifact) -> Result<Loaded, RunError> {
+        let facts = &artifact.facts;
+        if facts.serves_http {
+            return Err(RunError::Link(
+                "a wasi:http component is a service, not a program to run: it is served".into(),
+            ));
+        }
+        let flavor = self.flavor_request(policy).flavor(facts);
         let engine = self.engine(flavor)?;
-        let (artifact, cache_event) = self.artifact(&engine, kind, wasm)?;
-        let entry = match kind {
-            WasmKind::Module => Entry::Module(link_module(&engine, &artifact)?),
-            WasmKind::Component => Entry::Component(link_component(&engine, &artifact)?),
+        let entry = match facts.kind {
+            WasmKind::Module => Entry::Module(link_module(&engine, &artifact.file)?),
+            WasmKind::Component => Entry::Component(link_component(&engine, &artifact.file)?),
         };
-        if kind == WasmKind::Module && !policy.network.is_empty() {
+        if facts.kind == WasmKind::Module && !policy.network.is_empty() {
             log::warn!(
                 "network grants do not apply: a WASI preview 1 module has no sockets (only components do)"
             );
@@ -341,52 +344,35 @@ impl Runtime {
             flavor,
             entry,
             policy: policy.clone(),
-            cache_event,
             deadline: self.options.deadline,
         })
     }
-
-    pub(crate) fn artifact<'a>(
-        &self,
-        engine: &Engine,
-        kind: WasmKind,
-        wasm: &'a [u8],
-    ) -> Result<(Artifact<'a>, Option<CacheEvent>), RunError> {
-        let Some(cache) = &self.options.cache else {
-            return Ok((Artifact::Source(wasm), None));
-        };
-        let started = std::time::Instant::now();
-        let (bytes, event) = cache
-            .get_or_compile(&fingerprint(engine), &module_digest(wasm), kind, || {
-                match kind {
-                    WasmKind::Module => engine.precompile_module(wasm),
-                    WasmKind::Component => engine.precompile_component(wasm),
-                }
-                .map_err(|error| CacheError::Compile(format!("{error:#}")))
-            })
-            .map_err(|error| match error {
-                CacheError::Compile(message) => RunError::Invalid(message),
-                other => RunError::Cache(other),
-            })?;
-        log::debug!("module cache: {event:?} in {:?}", started.elapsed());
-        Ok((Artifact::Precompiled(bytes), Some(event)))
-    }
 }
 
-pub(crate) enum Artifact<'a> {
-    Source(&'a [u8]),
-    /// Bytes the module cache wrote and verified.
-    Precompiled(Vec<u8>),
+/// Deserializes the module in `file`, an artifact the module cache verified or the compile
+/// step just wrote: its code and memory images stay mapped from the file.
+fn deserialize_module(engine: &Engine, file: &File) -> Result<Module, RunError> {
+    let file = file
+        .try_clone()
+        .map_err(|error| RunError::Artifact(error.to_string()))?;
+    // SAFETY: the artifact is one Bulwark's compile step wrote, handed over (and, from the
+    // cache, authenticated) by the process that ran it; nothing writes to it any more.
+    unsafe { Module::deserialize_open_file(engine, file) }
+        .map_err(|error| RunError::Artifact(format!("{error:#}")))
 }
 
-fn link_module(engine: &Engine, artifact: &Artifact) -> Result<InstancePre<ModuleHost>, RunError> {
-    let module = match artifact {
-        Artifact::Source(wasm) => Module::new(engine, wasm),
-        // SAFETY: the cache only returns bytes it wrote and authenticated, or that this
-        // process compiled when it could not store them.
-        Artifact::Precompiled(bytes) => unsafe { Module::deserialize(engine, bytes) },
-    }
-    .map_err(|error| RunError::Invalid(format!("{error:#}")))?;
+/// As [`deserialize_module`], for a component.
+pub(crate) fn deserialize_component(engine: &Engine, file: &File) -> Result<Component, RunError> {
+    // Wasmtime maps a component only from a path: the descriptor's own, which names this
+    // very file whatever may have happened to the path it was opened by.
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    // SAFETY: as for modules, above.
+    unsafe { Component::deserialize_file(engine, path) }
+        .map_err(|error| RunError::Artifact(format!("{error:#}")))
+}
+
+fn link_module(engine: &Engine, file: &File) -> Result<InstancePre<ModuleHost>, RunError> {
+    let module = deserialize_module(engine, file)?;
     if module.get_export("_start").is_none() {
         return Err(RunError::Link(
             "the module exports no _start (it is a library, not a WASI command)".into(),
@@ -400,17 +386,8 @@ fn link_module(engine: &Engine, artifact: &Artifact) -> Result<InstancePre<Modul
         .map_err(|error| RunError::Link(format!("{error:#}")))
 }
 
-fn link_component(
-    engine: &Engine,
-    artifact: &Artifact,
-) -> Result<CommandPre<ComponentHost>, RunError> {
-    let component = match artifact {
-        Artifact::Source(wasm) => Component::new(engine, wasm),
-        // SAFETY: the cache only returns bytes it wrote and authenticated, or that this
-        // process compiled when it could not store them.
-        Artifact::Precompiled(bytes) => unsafe { Component::deserialize(engine, bytes) },
-    }
-    .map_err(|error| RunError::Invalid(format!("{error:#}")))?;
+fn link_component(engine: &Engine, file: &File) -> Result<CommandPre<ComponentHost>, RunError> {
+    let component = deserialize_component(engine, file)?;
     let mut linker = wasmtime::component::Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
         .map_err(|error| RunError::Link(format!("{error:#}")))?;
@@ -435,7 +412,6 @@ pub struct Loaded {
     flavor: Flavor,
     entry: Entry,
     policy: Policy,
-    cache_event: Option<CacheEvent>,
     deadline: DeadlineMode,
 }
 
@@ -453,11 +429,6 @@ enum InstanceInner {
 }
 
 impl Loaded {
-    /// What the module cache did while loading (`None` without a cache).
-    pub fn cache_event(&self) -> Option<&CacheEvent> {
-        self.cache_event.as_ref()
-    }
-
     /// Creates an instance with the policy's limits and the workload's capabilities,
     /// without running it. Limits that fire already here (a module whose initial memory
     /// is above the cap) come back as an [`Outcome`].
@@ -558,16 +529,54 @@ impl Loaded {
     }
 
     fn arm<T: GuardedHost>(&self, store: &mut Store<T>) {
-        store.limiter(|host| host.guard() as &mut dyn ResourceLimiter);
-        if let Some(fuel) = &self.policy.fuel {
-            store
-                .set_fuel(fuel.value)
-                .expect("fuel engines are built with consume_fuel");
-        }
-        if let (true, Some(timeout)) = (self.flavor.epoch, &self.policy.timeout) {
-            let ticks = timeout.value.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
-            store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        let deadline = match (self.flavor.epoch, &self.policy.timeout) {
+            (true, Some(timeout)) => {
+                let ticks = timeout.value.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+                EpochDeadline::Ticks(u64::try_from(ticks).unwrap_or(u64::MAX))
+            }
+            _ => EpochDeadline::None,
+        };
+        arm(store, &StoreLimits::of(&self.policy), deadline);
+    }
+}
+
+/// How a store's deadline is kept by epochs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum EpochDeadline {
+    /// No epoch checks (or none that end anything).
+    None,
+    /// Trap after this many epoch ticks: a program with an in-engine deadline.
+    Ticks(u64),
+    /// Yield to the host at every tick, and trap once the instant (if any) has passed: a
+    /// request, which shares the server's threads with every other request.
+    Yielding(Option<Instant>),
+}
+
+/// Arms `store` with the limits of one run (or one request): the memory and table limiter,
+/// the fuel budget and the deadline. The one place both running and serving set them.
+pub(crate) fn arm<T: GuardedHost>(
+    store: &mut Store<T>,
+    limits: &StoreLimits,
+    deadline: EpochDeadline,
+) {
+    store.limiter(|host| host.guard() as &mut dyn ResourceLimiter);
+    if let Some(fuel) = &limits.fuel {
+        store
+            .set_fuel(fuel.value)
+            .expect("engines for a policy with fuel are built with consume_fuel");
+    }
+    match deadline {
+        EpochDeadline::None => {}
+        EpochDeadline::Ticks(ticks) => {
+            store.set_epoch_deadline(ticks);
             store.epoch_deadline_trap();
+        }
+        EpochDeadline::Yielding(deadline) => {
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(move |_| match deadline {
+                Some(deadline) if Instant::now() >= deadline => Ok(UpdateDeadline::Interrupt),
+                _ => Ok(UpdateDeadline::Yield(1)),
+            });
         }
     }
 }
@@ -670,7 +679,7 @@ struct ComponentHost {
 }
 
 /// Store data that carries a [`Guard`].
-trait GuardedHost: Send + 'static {
+pub(crate) trait GuardedHost: Send + 'static {
     fn guard(&mut self) -> &mut Guard;
 }
 

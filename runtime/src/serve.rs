@@ -36,21 +36,27 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
-use crate::engine::{Allocation, ComponentShape, Flavor, WasmKind, build_engine};
-use crate::policy::{Policy, Serving};
+use crate::cache::Artifact;
+use crate::engine::{ASYNC_STACK_SIZE, Allocation, build_engine};
+use crate::policy::{Policy, Serving, ServingSizing};
 use crate::run::{
-    Artifact, Guard, Outcome, RunError, Runtime, StoreLimits, Workload, classify,
-    start_epoch_ticker, wasi_builder,
+    EpochDeadline, Guard, GuardedHost, Outcome, RunError, Runtime, StoreLimits, Workload, arm,
+    classify, deserialize_component, start_epoch_ticker, wasi_builder,
 };
-use crate::units::Bytes as Size;
+
+/// What one request's instance costs beyond its linear memory and tables: its stack (the
+/// engine's async stack, touched as deep as the guest goes) and its host state (WASI and
+/// HTTP contexts, buffers).
+pub const INSTANCE_OVERHEAD: u64 = ASYNC_STACK_SIZE as u64 + (512 << 10);
+use crate::units::format_size;
 
 /// What a client that got 503 is told to wait before it tries again.
 const RETRY_AFTER_SECONDS: u64 = 1;
@@ -61,41 +67,60 @@ pub struct Service {
     pre: ProxyPre<ServeHost>,
     policy: Policy,
     serving: Serving,
+    sizing: ServingSizing,
 }
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Service")
             .field("serving", &self.serving)
+            .field("sizing", &self.sizing)
             .finish_non_exhaustive()
     }
 }
 
 impl Runtime {
-    /// Compiles (or loads from the cache) a wasi:http component for serving under `policy`,
-    /// on an engine whose instance pool holds one instance per request in flight.
-    pub fn load_service(&self, policy: &Policy, wasm: &[u8]) -> Result<Service, RunError> {
-        let serving = policy.serving().map_err(RunError::Policy)?;
-        let shape = ComponentShape::of(wasm)?;
-        // Serving always counts epochs: a guest yields at every tick, and a deadline is an
-        // epoch check, so no request can keep a server thread to itself.
-        let flavor = Flavor {
-            fuel: policy.fuel.is_some(),
-            epoch: true,
+    /// Loads a wasi:http component's artifact for serving under `policy`, on an engine
+    /// whose instance pool holds one instance per request in flight, and settles the
+    /// serving figures with the memory this process holds once it is loaded.
+    pub fn load_service(&self, policy: &Policy, artifact: &Artifact) -> Result<Service, RunError> {
+        let facts = &artifact.facts;
+        if !facts.serves_http {
+            return Err(RunError::Link(
+                "not a wasi:http component (it exports no wasi:http/incoming-handler): it runs as a program"
+                    .into(),
+            ));
+        }
+        let mut sizing = ServingSizing {
+            initial_memory: facts.initial_memory,
+            footprint: 0,
+            instance_overhead: INSTANCE_OVERHEAD,
+        };
+        // The most instances that could ever fit, before the runtime is measured: the pool
+        // reserves address space for them, which costs no memory until used.
+        let capacity = match policy.serving(&sizing) {
+            Ok(serving) => serving.concurrency.value,
+            // It cannot fit even before anything is loaded: say so with what this process
+            // holds already.
+            Err(_) => {
+                sizing.footprint = own_footprint();
+                return Err(policy.serving(&sizing).err().map_or_else(
+                    || RunError::Serve("the serving figures do not fit".into()),
+                    RunError::Policy,
+                ));
+            }
         };
         let allocation = Allocation::ComponentPool {
             // One more than in flight: the readiness check's instance.
-            instances: serving.concurrency.value.saturating_add(1),
-            shape,
+            instances: capacity.saturating_add(1),
+            shape: facts.shape,
         };
-        let engine = build_engine(flavor, allocation, self.parallel_compilation())?;
-        let (artifact, _) = self.artifact(&engine, WasmKind::Component, wasm)?;
-        let component = match artifact {
-            Artifact::Source(wasm) => Component::new(&engine, wasm),
-            // SAFETY: the cache only returns bytes it wrote and authenticated.
-            Artifact::Precompiled(bytes) => unsafe { Component::deserialize(&engine, bytes) },
-        }
-        .map_err(|error| RunError::Invalid(format!("{error:#}")))?;
+        // Serving always counts epochs (see [`FlavorRequest::flavor`]): a guest yields at
+        // every tick, and a deadline is an epoch check, so no request can keep a server
+        // thread to itself.
+        let flavor = self.flavor_request(policy).flavor(facts);
+        let engine = build_engine(flavor, allocation, false)?;
+        let component = deserialize_component(&engine, &artifact.file)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
@@ -108,13 +133,40 @@ impl Runtime {
                     "the component does not serve wasi:http (no wasi:http/incoming-handler export it can be called through): {error:#}"
                 ))
             })?;
+        sizing.footprint = own_footprint();
+        let serving = policy.serving(&sizing)?;
         Ok(Service {
             engine,
             pre,
             policy: policy.clone(),
             serving,
+            sizing,
         })
     }
+}
+
+/// What this process holds in memory that the kernel cannot take back: its anonymous and
+/// shared pages, and its page tables. (Its mapped files, the binary and the artifact, are
+/// page cache the kernel reclaims under the container's limit.)
+pub fn own_footprint() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            matches!(name, "RssAnon" | "RssShmem" | "VmPTE")
+                .then(|| {
+                    value
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .flatten()
+        })
+        .sum::<u64>()
+        * 1024
 }
 
 /// The sockets a service listens on: bound (so a port below 1024 or one already taken
@@ -174,6 +226,63 @@ impl Service {
         &self.serving
     }
 
+    /// What the figures were worked out from: the component's initial memory, the memory
+    /// this process held once the component was loaded, and what an instance costs besides
+    /// its linear memory.
+    pub fn sizing(&self) -> &ServingSizing {
+        &self.sizing
+    }
+
+    /// What every request's handling shares, for `workload`.
+    fn shared(self, workload: Workload) -> Shared {
+        let serving = self.serving;
+        Shared {
+            limits: StoreLimits {
+                fuel: self.policy.fuel.clone(),
+                timeout: self.policy.timeout.clone(),
+                memory: serving.instance_memory.clone(),
+            },
+            grants: self.policy.network.clone().into(),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                serving.concurrency.value as usize,
+            )),
+            concurrency: serving.concurrency.value,
+            next_id: AtomicU64::new(1),
+            pre: self.pre,
+            engine: self.engine,
+            policy: self.policy,
+            workload,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// Makes `count` instances one after another, as requests would get them, and returns
+    /// how long each took: per-request instantiation, measured (for benchmarks).
+    pub fn instantiation_times(
+        self,
+        workload: Workload,
+        count: usize,
+    ) -> Result<Vec<std::time::Duration>, RunError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| RunError::Serve(format!("cannot start a runtime: {error}")))?;
+        let shared = self.shared(workload);
+        runtime.block_on(async {
+            let mut times = Vec::with_capacity(count);
+            for _ in 0..count {
+                let mut store = shared.store(None)?;
+                let started = Instant::now();
+                let instance = shared.pre.instantiate_async(&mut store).await;
+                times.push(started.elapsed());
+                instance.map_err(|error| {
+                    RunError::Serve(format!("cannot instantiate the component: {error:#}"))
+                })?;
+            }
+            Ok(times)
+        })
+    }
+
     /// Serves until SIGTERM (then drains) or SIGINT; returns the process's exit code. Each
     /// instance gets `workload`'s args, env, preopened directories and stdio.
     pub fn serve(self, listeners: Listeners, workload: Workload) -> Result<i32, RunError> {
@@ -192,40 +301,28 @@ impl Service {
     }
 
     async fn run(self, listeners: Listeners, workload: Workload) -> Result<i32, RunError> {
-        let metrics = Metrics::new();
         let serving = self.serving.clone();
-        let shared = Arc::new(Shared {
-            limits: StoreLimits {
-                fuel: self.policy.fuel.clone(),
-                timeout: self.policy.timeout.clone(),
-                memory: serving.instance_memory.clone(),
-            },
-            grants: self.policy.network.clone().into(),
-            slots: Arc::new(tokio::sync::Semaphore::new(
-                serving.concurrency.value as usize,
-            )),
-            concurrency: serving.concurrency.value,
-            next_id: AtomicU64::new(1),
-            pre: self.pre,
-            engine: self.engine,
-            policy: self.policy,
-            workload,
-            metrics,
-        });
+        let sizing = self.sizing;
+        let shared = Arc::new(self.shared(workload));
         shared.check_ready().await?;
         let http = listen(listeners.http)?;
         if let Some(socket) = listeners.metrics {
             tokio::spawn(serve_metrics(listen(socket)?, shared.clone()));
         }
         eprintln!(
-            "bulwark: serving on http://{}: {} requests at once ({}), {} per instance",
+            "bulwark: serving on http://{}: {} requests at once ({}), {} per instance; the runtime holds {} with the component loaded",
             serving.listen,
             serving.concurrency.value,
             serving.concurrency.source,
             serving.instance_memory.as_ref().map_or(
                 "no memory limit".to_owned(),
-                |memory| format!("memory limit {} ({})", Size(memory.value), memory.source)
-            )
+                |memory| format!(
+                    "memory limit {} ({})",
+                    format_size(memory.value),
+                    memory.source
+                )
+            ),
+            format_size(sizing.footprint)
         );
         accept_until_stopped(http, shared).await
     }
@@ -252,6 +349,12 @@ struct ServeHost {
     table: ResourceTable,
     guard: Guard,
     outbound: Outbound,
+}
+
+impl GuardedHost for ServeHost {
+    fn guard(&mut self) -> &mut Guard {
+        &mut self.guard
+    }
 }
 
 impl WasiView for ServeHost {
@@ -337,17 +440,7 @@ impl Shared {
                 },
             },
         );
-        store.limiter(|host| &mut host.guard);
-        if let Some(fuel) = &self.limits.fuel {
-            store
-                .set_fuel(fuel.value)
-                .expect("serving engines count fuel when the policy has it");
-        }
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| match deadline {
-            Some(deadline) if Instant::now() >= deadline => Ok(UpdateDeadline::Interrupt),
-            _ => Ok(UpdateDeadline::Yield(1)),
-        });
+        arm(&mut store, &self.limits, EpochDeadline::Yielding(deadline));
         Ok(store)
     }
 

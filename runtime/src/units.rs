@@ -91,6 +91,21 @@ pub fn format_memory(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// Formats a byte count for a message: exactly where a binary suffix divides it (`16Mi`),
+/// else to a tenth of the largest suffix it reaches (`17.6Mi`).
+pub fn format_size(bytes: u64) -> String {
+    for (suffix, power) in BINARY_SUFFIXES.iter().rev() {
+        let unit = 1024u64.pow(*power);
+        if bytes >= unit {
+            return match bytes.is_multiple_of(unit) {
+                true => format!("{}{suffix}", bytes / unit),
+                false => format!("{:.1}{suffix}", bytes as f64 / unit as f64),
+            };
+        }
+    }
+    bytes.to_string()
+}
+
 /// Parses a duration in Go's syntax (as Kubernetes users write them): one or more
 /// `<number><unit>` parts, units `ns`, `us`, `ms`, `s`, `m`, `h`, e.g. `250ms`, `30s`,
 /// `1h30m`, `1.5s`. A bare number is refused: `30` could mean anything.
@@ -221,6 +236,10 @@ mod tests {
     #[test]
     fn memory_formats_back() {
         assert_eq!(format_memory(64 << 20), "64Mi");
+        assert_eq!(format_size(64 << 20), "64Mi");
+        assert_eq!(format_size(18_412_474), "17.6Mi");
+        assert_eq!(format_size(1000), "1000");
+        assert_eq!(format_size(18944 << 10), "18.5Mi");
         assert_eq!(format_memory(1 << 30), "1Gi");
         assert_eq!(format_memory(1000), "1000");
         assert_eq!(format_memory(1536), "1536");

@@ -656,7 +656,7 @@ fn compile_fills_the_cache_once_and_runs_use_it() {
         }
         for entry in fs::read_dir(&fingerprint).unwrap() {
             let entry = entry.unwrap().path();
-            if entry.extension().is_some_and(|ext| ext == "module") {
+            if entry.extension().is_some_and(|ext| ext == "artifact") {
                 let mut bytes = fs::read(&entry).unwrap();
                 let middle = bytes.len() / 2;
                 bytes[middle] ^= 0xff;

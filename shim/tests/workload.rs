@@ -1,15 +1,21 @@
 //! The workload process on its own (no containerd), started the way the shim starts it
-//! ([`Launch`]): what it can still reach after it locked itself down, who it runs as, that
-//! it fails closed where the kernel lacks Landlock, and that the module cache's key is gone
-//! from its memory before the guest runs.
+//! ([`Launch`]) with an artifact from the module cache: what it can still reach after it
+//! locked itself down, who it runs as, that it fails closed where the kernel lacks
+//! Landlock, and that it never holds the cache's key or a writable artifact.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use std::io::Write;
+
 use bulwark_runtime::NodeConfig;
+use bulwark_runtime::cache::{Artifact, CacheError, ModuleCache, module_digest};
+use bulwark_runtime::compile::compile;
+use bulwark_runtime::engine::{Facts, FlavorRequest, fingerprint_of};
 use bulwark_runtime::policy::{Access, Knob, Policy, Request};
+use bulwark_runtime::run::DeadlineMode;
 use bulwark_shim::bundle::spec::{Namespace, NamespaceKind, User};
 use bulwark_shim::process::workload::parent::Launch;
 use bulwark_shim::process::workload::{LOCKDOWN_PROBE_ENV, Plan, PlannedPreopen};
@@ -76,21 +82,42 @@ impl Setup {
         self
     }
 
-    fn plan(&self) -> PathBuf {
+    fn policy(&self) -> Policy {
         let mut request = Request::annotations();
         for (knob, value) in &self.flags {
             request.set(*knob, value).unwrap();
         }
+        Policy::resolve(&self.config, &request).unwrap()
+    }
+
+    /// The module's artifact for the policy, from a module cache in the setup's directory
+    /// (compiled here, on a miss, as a compile step would).
+    fn artifact(&self) -> Artifact {
+        let cache = ModuleCache::open(&self.path().join("cache")).unwrap();
+        let wasm = fs::read(&self.module).unwrap();
+        let request = FlavorRequest::of(&self.policy(), DeadlineMode::ProcessWatchdog);
+        let fingerprint =
+            |facts: &Facts| Ok::<_, CacheError>(fingerprint_of(request.flavor(facts)).unwrap());
+        let (artifact, _) = cache
+            .get_or_compile(&module_digest(&wasm), fingerprint, |file| {
+                let compiled = compile(&wasm, request, true).unwrap();
+                (&*file).write_all(&compiled.artifact).unwrap();
+                Ok(compiled.facts)
+            })
+            .unwrap();
+        artifact
+    }
+
+    fn plan(&self, facts: Facts) -> PathBuf {
         let plan = Plan {
             entrypoint: "/app.wasm".into(),
             args: self.args.clone(),
             env: vec![],
             preopens: self.preopens.iter().map(|(_, p)| p.clone()).collect(),
-            policy: Policy::resolve(&self.config, &request).unwrap(),
-            cache_dir: self.path().join("cache"),
+            policy: self.policy(),
+            facts,
             termination_log: true,
             user: self.user.clone(),
-            serve: false,
         };
         let path = self.path().join("plan.json");
         plan.write(&path).unwrap();
@@ -106,9 +133,10 @@ impl Setup {
 
     /// The launch's command, with `extra` run in the child after the launch's own set-up.
     fn command(&self, release: bool) -> (Command, File) {
+        let artifact = self.artifact();
         let launch = Launch {
-            plan: self.plan(),
-            module: File::open(&self.module).unwrap(),
+            plan: self.plan(artifact.facts),
+            artifact: artifact.file,
             preopens: self
                 .preopens
                 .iter()
@@ -119,13 +147,16 @@ impl Setup {
         };
         let (reader, writer) = bulwark_shim::process::pipe().unwrap();
         if release {
-            use std::io::Write;
-            (&writer).write_all(b"1").unwrap();
+            // Both openings of the gate: load, then start.
+            (&writer).write_all(b"11").unwrap();
         }
+        // What it reports of its load is the shim's business, not these tests'.
+        let report = File::create("/dev/null").unwrap();
         let mut command = launch
             .command(
                 &reader,
-                Path::new(env!("CARGO_BIN_EXE_containerd-shim-bulwark-v1")),
+                &report,
+                Path::new(env!("CARGO_BIN_EXE_bulwark-workload")),
             )
             .unwrap();
         command
@@ -227,7 +258,7 @@ fn an_unreleased_workload_runs_nothing() {
     assert_eq!(run.code, Some(1));
     assert!(run.stdout.is_empty(), "the guest ran");
     assert!(
-        run.stderr.contains("did not place this workload"),
+        run.stderr.contains("did not let this workload load"),
         "{}",
         run.stderr
     );
@@ -334,23 +365,51 @@ fn a_root_workload_keeps_no_capability_either() {
 }
 
 #[test]
-fn the_cache_key_is_gone_from_memory_before_the_guest_runs() {
+fn the_workload_holds_neither_the_cache_key_nor_a_writable_artifact() {
     let setup = Setup::new("sleep", &["sleep", "3000"]);
-    // The first run makes the key and compiles; the second reads both from the cache.
-    let mut first = setup.spawn();
-    locked_down_status(&mut first);
-    first.kill().unwrap();
-    first.wait().unwrap();
     let mut child = setup.spawn();
     locked_down_status(&mut child);
     let key = fs::read(setup.path().join("cache/key")).unwrap();
     assert_eq!(key.len(), 32);
     let found = memory_contains(child.id(), &key);
+    // The artifact is mapped privately (a write would go to a copy, never to the file
+    // other pods load), and no descriptor of it that is left is writable.
+    let maps = fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap();
+    let mut writable = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{}/fd", child.id())).unwrap() {
+        let entry = entry.unwrap();
+        let target = fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().ends_with(".artifact") {
+            let fd = entry.file_name().to_string_lossy().into_owned();
+            let info = fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", child.id())).unwrap();
+            let flags = info
+                .lines()
+                .find_map(|line| line.strip_prefix("flags:"))
+                .map(|flags| u32::from_str_radix(flags.trim(), 8).unwrap())
+                .unwrap();
+            if flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32 {
+                writable.push(fd);
+            }
+        }
+    }
     child.kill().unwrap();
     child.wait().unwrap();
+    assert!(!found, "the cache key is in the workload's memory");
+    let mapped: Vec<&str> = maps
+        .lines()
+        .filter(|line| line.ends_with(".artifact"))
+        .collect();
+    assert!(!mapped.is_empty(), "the artifact is not mapped: {maps}");
+    for line in &mapped {
+        let perms = line.split_whitespace().nth(1).unwrap();
+        assert!(
+            perms.ends_with('p'),
+            "a shared mapping of the artifact: {line}"
+        );
+    }
     assert!(
-        !found,
-        "the cache key is in the locked-down workload's memory"
+        writable.is_empty(),
+        "writable artifact descriptors {writable:?}"
     );
 }
 
@@ -454,7 +513,7 @@ fn landlock_unavailable_filter() -> seccompiler::BpfProgram {
 fn the_plan_is_readable_by_root_only() {
     use std::os::unix::fs::PermissionsExt;
     let setup = Setup::new("hello", &["hello"]);
-    let path = setup.plan();
+    let path = setup.plan(setup.artifact().facts);
     assert_eq!(
         fs::metadata(path).unwrap().permissions().mode() & 0o777,
         0o600
@@ -530,16 +589,17 @@ fn the_workload_joins_the_pods_namespaces() {
         kind: NamespaceKind::Network,
         path: Some("/proc/999999999/ns/net".into()),
     }];
+    let artifact = setup.artifact();
     let launch = Launch {
-        plan: setup.plan(),
-        module: File::open(&setup.module).unwrap(),
+        plan: setup.plan(artifact.facts),
+        artifact: artifact.file,
         preopens: vec![],
         termination_log: None,
         namespaces: setup.namespaces.clone(),
     };
-    let (reader, _writer) = bulwark_shim::process::pipe().unwrap();
+    let (reader, writer) = bulwark_shim::process::pipe().unwrap();
     let error = launch
-        .command(&reader, Path::new("/bin/true"))
+        .command(&reader, &writer, Path::new("/bin/true"))
         .expect_err("a missing namespace is refused");
     assert!(
         format!("{error:#}").contains("cannot open the pod's net namespace /proc/999999999"),

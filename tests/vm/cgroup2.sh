@@ -50,7 +50,7 @@ V2_SYSTEMD_TESTS=(
     faults::a_killed_shim_leaves_no_workload_behind
     isolation::kubelets_oom_score_and_rlimits_reach_the_workload_as_runcs_process
     isolation::restricted_and_non_root_pods_run_as_their_user_with_nothing_else
-    big_modules::a_module_too_costly_to_compile_in_its_memory_limit_is_oomkilled_as_in_runc
+    big_modules::a_workload_that_outgrows_its_container_ends_oomkilled_as_in_runc
 )
 OTHER_TESTS=(
     a_wasm_pod_runs_and_its_output_reaches_the_log

@@ -8,10 +8,17 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use bulwark_runtime::cache::{CacheEvent, DEFAULT_CACHE_DIR, ModuleCache};
+use bulwark_runtime::cache::{Artifact, CacheEvent, DEFAULT_CACHE_DIR, ModuleCache, digest_file};
+use bulwark_runtime::engine::FlavorRequest;
 use bulwark_runtime::policy::Knob;
 use bulwark_runtime::run::{Preopen, Report};
+use bulwark_runtime::units::format_size;
 use bulwark_runtime::{NodeConfig, Policy, Request, Runtime, RuntimeOptions, Workload};
+use bulwark_shim::process::SELF_EXE;
+use bulwark_shim::process::compile::parent::{
+    CompileStepError, CompileSteps, ModuleToCompile, Placement, Reaping,
+};
+use bulwark_shim::process::compile::{COMPILE_STEP_ARG, step_user};
 
 /// Exit code for usage errors and bad input (flags, files, modules, configuration).
 const EXIT_USAGE: u8 = 2;
@@ -281,6 +288,9 @@ struct ServeArgs {
 struct CompileArgs {
     #[command(flatten)]
     cache: CacheArgs,
+    /// Node configuration whose [compile] section bounds the compilation
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The modules or components to precompile
     #[arg(value_name = "MODULE", required = true)]
     modules: Vec<PathBuf>,
@@ -292,6 +302,12 @@ struct CompileArgs {
 struct InputError(String);
 
 fn main() -> ExitCode {
+    // The compile step `compile`, `run` and `serve` start: this binary again.
+    let mut raw = std::env::args();
+    if raw.nth(1).as_deref() == Some(COMPILE_STEP_ARG) {
+        let job = raw.next().unwrap_or_default();
+        return ExitCode::from(bulwark_shim::process::compile::main(&job) as u8);
+    }
     bulwark_shim::init_stderr_logging();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -325,7 +341,7 @@ fn input(message: impl std::fmt::Display) -> anyhow::Error {
 /// What `run` and `serve` set up from their flags.
 struct Prepared {
     policy: Policy,
-    wasm: Vec<u8>,
+    artifact: Artifact,
     workload: Workload,
     runtime: Runtime,
 }
@@ -360,7 +376,6 @@ fn prepare(
         }
     }
     let policy = Policy::resolve(&config, &request).map_err(input)?;
-    let wasm = read_module(module)?;
     let mut argv = vec![module.display().to_string()];
     for arg in args {
         argv.push(
@@ -388,36 +403,97 @@ fn prepare(
     } else {
         open_cache_or_warn(&flags.cache.cache_dir)
     };
-    let runtime = Runtime::new(RuntimeOptions {
-        cache,
-        ..RuntimeOptions::default()
-    });
+    let runtime = Runtime::new(RuntimeOptions::default());
     log::debug!(
         "policy: fuel {:?}, timeout {:?}, memory {:?}",
         policy.fuel,
         policy.timeout,
         policy.memory
     );
+    let (artifact, _) = compile_module(
+        &config,
+        cache.as_ref(),
+        module,
+        runtime.flavor_request(&policy),
+    )?;
     Ok(Prepared {
         policy,
-        wasm,
+        artifact,
         workload,
         runtime,
     })
 }
 
+/// The compiled artifact of the module at `path` for `request`: from `cache`, or from a
+/// compile step (the same one the shim runs), bounded by the configuration's `[compile]`.
+fn compile_module(
+    config: &NodeConfig,
+    cache: Option<&ModuleCache>,
+    path: &Path,
+    request: FlavorRequest,
+) -> Result<(Artifact, Option<CacheEvent>)> {
+    let shown = path.display().to_string();
+    let file = open_module(path)?;
+    let size = file
+        .metadata()
+        .map_err(|error| input(format!("{shown}: {error}")))?
+        .len();
+    if size > config.compile.module_size {
+        return Err(input(format!(
+            "{shown} is {}, more than the {} allowed (compile.module_size)",
+            format_size(size),
+            format_size(config.compile.module_size)
+        )));
+    }
+    let mut head = [0u8; 8];
+    let read = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0)
+        .map_err(|error| input(format!("{shown}: {error}")))?;
+    bulwark_runtime::engine::detect_kind(&head[..read])
+        .map_err(|error| input(format!("{shown}: {error}")))?;
+    let digest = digest_file(&file).map_err(|error| input(format!("{shown}: {error}")))?;
+    let steps = CompileSteps {
+        exe: PathBuf::from(SELF_EXE),
+        memory: config.compile.memory,
+        concurrency: config.compile.concurrency,
+        allow_without_landlock: config.capabilities.allow_without_landlock,
+        reaping: Reaping::Direct,
+    };
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (uid, gid) = step_user(uid, gid);
+    let placement = Placement {
+        uid,
+        gid,
+        cgroup: None,
+    };
+    let module = ModuleToCompile {
+        file: &file,
+        name: &shown,
+        size,
+        digest,
+    };
+    let mut progress = |line: &str| log::info!("{line}");
+    steps
+        .artifact(cache, &module, request, &placement, &mut progress)
+        .map_err(|error| match error {
+            CompileStepError::Invalid { .. } | CompileStepError::OverMemory { .. } => input(error),
+            other => other.into(),
+        })
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let prepared = prepare(&args.policy, &[], &args.module, &args.args)?;
     let shown = args.module.display();
-    if bulwark_runtime::engine::serves_http(&prepared.wasm) {
+    if prepared.artifact.facts.serves_http {
         return Err(input(format!(
             "{shown}: a wasi:http component is a service, not a program to run: serve it with `bulwark serve`"
         )));
     }
     let loaded = prepared
         .runtime
-        .load(&prepared.policy, &prepared.wasm)
+        .load_artifact(&prepared.policy, &prepared.artifact)
         .map_err(|error| input(format!("{shown}: {error}")))?;
+    drop(prepared.artifact);
     let outcome = loaded
         .run(&prepared.workload, &Report::default())
         .map_err(|error| input(format!("{shown}: {error}")))?;
@@ -433,14 +509,14 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     ];
     let prepared = prepare(&args.policy, &extra, &args.component, &args.args)?;
     let shown = args.component.display();
-    if !bulwark_runtime::engine::serves_http(&prepared.wasm) {
+    if !prepared.artifact.facts.serves_http {
         return Err(input(format!(
             "{shown}: not a wasi:http component (it exports no wasi:http/incoming-handler): run it with `bulwark run`"
         )));
     }
     let service = prepared
         .runtime
-        .load_service(&prepared.policy, &prepared.wasm)
+        .load_service(&prepared.policy, &prepared.artifact)
         .map_err(|error| input(format!("{shown}: {error}")))?;
     let listeners = bulwark_runtime::serve::Listeners::bind(service.serving()).map_err(input)?;
     let code = service.serve(listeners, prepared.workload)?;
@@ -484,6 +560,20 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|error| input(format!("{}: {error}", path.display())))
 }
 
+/// The module at `path`, opened for reading: a regular file (a FIFO or a device would
+/// block or reach a driver).
+fn open_module(path: &Path) -> Result<std::fs::File> {
+    let shown = path.display();
+    let metadata = std::fs::metadata(path).map_err(|error| input(format!("{shown}: {error}")))?;
+    if metadata.is_dir() {
+        return Err(input(format!("{shown}: is a directory, not a module")));
+    }
+    if !metadata.is_file() {
+        return Err(input(format!("{shown}: not a regular file")));
+    }
+    std::fs::File::open(path).map_err(|error| input(format!("{shown}: {error}")))
+}
+
 fn open_cache_or_warn(dir: &Path) -> Option<ModuleCache> {
     match ModuleCache::open(dir) {
         Ok(cache) => Some(cache),
@@ -497,18 +587,18 @@ fn open_cache_or_warn(dir: &Path) -> Option<ModuleCache> {
 fn compile(args: CompileArgs) -> Result<ExitCode> {
     let cache = ModuleCache::open(&args.cache.cache_dir)
         .with_context(|| format!("cannot use the cache at {}", args.cache.cache_dir.display()))?;
-    let runtime = Runtime::new(RuntimeOptions {
-        cache: Some(cache),
-        ..RuntimeOptions::default()
-    });
-    // Every flavor `bulwark run` and the shim may pick, so that no first run compiles.
+    let config = match &args.config {
+        Some(path) => NodeConfig::load_required(path).map_err(input)?,
+        None => NodeConfig::default(),
+    };
+    // With and without fuel: every engine `bulwark run`, `bulwark serve` and the shim may
+    // load the module into (whether it serves decides the rest), so that no first start
+    // compiles.
     for module in &args.modules {
-        let wasm = read_module(module)?;
-        for flavor in runtime.flavors() {
+        for fuel in [false, true] {
             let started = std::time::Instant::now();
-            let event = runtime
-                .precompile(flavor, &wasm)
-                .map_err(|error| input(format!("{}: {error}", module.display())))?;
+            let request = FlavorRequest { fuel, epoch: false };
+            let (_, event) = compile_module(&config, Some(&cache), module, request)?;
             let what = match event {
                 Some(CacheEvent::Hit) | Some(CacheEvent::CompiledByPeer) => "already cached",
                 Some(CacheEvent::Compiled) => "compiled",
@@ -518,7 +608,7 @@ fn compile(args: CompileArgs) -> Result<ExitCode> {
                 }
                 None => bail!("the cache was not used"),
             };
-            let label = if flavor.fuel {
+            let label = if fuel {
                 "with fuel metering"
             } else {
                 "without metering"
@@ -602,8 +692,8 @@ struct InstallPlan {
     /// The node configuration to write, if it changes.
     node_config: Option<String>,
     node_config_path: PathBuf,
-    shim_source: PathBuf,
-    shim_target: PathBuf,
+    /// The shim and the binaries it starts: (here, on the node), helpers before the shim.
+    binaries: Vec<(PathBuf, PathBuf)>,
 }
 
 /// `bulwark install` (`adding`) and `bulwark uninstall`.
@@ -706,10 +796,17 @@ fn plan_install(args: &InstallArgs, adding: bool) -> Result<InstallPlan> {
         after,
         node_config,
         node_config_path,
-        shim_source: std::env::current_exe()
-            .context("cannot find this binary")?
-            .with_file_name("containerd-shim-bulwark-v1"),
-        shim_target: layout.on_host(&layout.shim_path()),
+        binaries: {
+            let here = std::env::current_exe().context("cannot find this binary")?;
+            layout
+                .shim_paths()
+                .into_iter()
+                .map(|target| {
+                    let name = target.file_name().expect("binaries have names").to_owned();
+                    (here.with_file_name(name), layout.on_host(&target))
+                })
+                .collect()
+        },
         layout,
     })
 }
@@ -747,16 +844,16 @@ fn print_install_plan(plan: &InstallPlan, label_node: Option<&str>) {
         println!("would {verb} {label}=true on node {node}");
     }
     if plan.adding {
-        println!(
-            "would install {} as {}",
-            plan.shim_source.display(),
-            plan.shim_target.display()
-        );
+        for (source, target) in &plan.binaries {
+            println!("would install {} as {}", source.display(), target.display());
+        }
         if plan.node_config.is_some() {
             println!("would write {}", plan.node_config_path.display());
         }
     } else {
-        println!("would remove {}", plan.shim_target.display());
+        for (_, target) in &plan.binaries {
+            println!("would remove {}", target.display());
+        }
         if plan.node_config_path.exists() {
             println!("would remove {}", plan.node_config_path.display());
         }
@@ -772,12 +869,16 @@ fn change_files(plan: &InstallPlan) -> Result<bool> {
     };
     let mut changed = false;
     if plan.adding {
-        let shim = std::fs::read(&plan.shim_source)
-            .with_context(|| format!("cannot read the shim {}", plan.shim_source.display()))?;
-        if std::fs::read(&plan.shim_target).ok().as_deref() != Some(shim.as_slice()) {
-            write(&plan.shim_target, &shim, 0o755)?;
-            println!("installed {}", plan.shim_target.display());
-            changed = true;
+        // Helpers first: a shim that starts meanwhile finds them in its new version, and
+        // running shims hold the ones they started with.
+        for (source, target) in &plan.binaries {
+            let bytes = std::fs::read(source)
+                .with_context(|| format!("cannot read {}", source.display()))?;
+            if std::fs::read(target).ok().as_deref() != Some(bytes.as_slice()) {
+                write(target, &bytes, 0o755)?;
+                println!("installed {}", target.display());
+                changed = true;
+            }
         }
         if let Some(text) = &plan.node_config {
             write(&plan.node_config_path, text.as_bytes(), 0o644)?;
@@ -785,7 +886,8 @@ fn change_files(plan: &InstallPlan) -> Result<bool> {
             changed = true;
         }
     } else {
-        for path in [&plan.shim_target, &plan.node_config_path] {
+        let binaries = plan.binaries.iter().rev().map(|(_, target)| target);
+        for path in binaries.chain([&plan.node_config_path]) {
             if path.exists() {
                 std::fs::remove_file(path)
                     .with_context(|| format!("cannot remove {}", path.display()))?;

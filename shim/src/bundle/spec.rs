@@ -374,6 +374,56 @@ impl Location {
     }
 }
 
+impl Location {
+    /// Opens a regular file at this location for reading, and nothing else: the last
+    /// component is not followed if it is a symbolic link, and the file is first opened
+    /// as a path only (which never blocks and reaches no driver), so a FIFO, a device, a
+    /// socket or a directory an image put there is refused before anything reads it.
+    /// `Ok(None)` when there is no such file.
+    pub fn open_regular_file(&self, path: &str) -> Result<Option<File>, SpecError> {
+        let opened = match self.open(libc::O_PATH | libc::O_NOFOLLOW) {
+            Ok(opened) => opened,
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(error) if error.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(SpecError(format!(
+                    "{path} is a symbolic link: name the file it points to (Bulwark follows no link to a module)"
+                )));
+            }
+            Err(error) => return Err(SpecError(format!("{path}: {error}"))),
+        };
+        let file_type = opened
+            .metadata()
+            .map(|meta| meta.file_type())
+            .map_err(|error| SpecError(format!("{path}: {error}")))?;
+        if !file_type.is_file() {
+            use std::os::unix::fs::FileTypeExt;
+            let what = if file_type.is_fifo() {
+                "a FIFO"
+            } else if file_type.is_char_device() {
+                "a character device"
+            } else if file_type.is_block_device() {
+                "a block device"
+            } else if file_type.is_socket() {
+                "a socket"
+            } else if file_type.is_dir() {
+                "a directory"
+            } else if file_type.is_symlink() {
+                "a symbolic link"
+            } else {
+                "not a regular file"
+            };
+            return Err(SpecError(format!(
+                "{path} is {what}, not a file: the entrypoint must be a regular .wasm file"
+            )));
+        }
+        // The very file just checked, opened for reading through its descriptor.
+        use std::os::fd::AsRawFd;
+        let file = File::open(format!("/proc/self/fd/{}", opened.as_raw_fd()))
+            .map_err(|error| SpecError(format!("{path}: {error}")))?;
+        Ok(Some(file))
+    }
+}
+
 /// `open(2)` of a trusted host path (kubelet's or containerd's), close-on-exec.
 fn open_plain(path: &Path, flags: libc::c_int) -> std::io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;

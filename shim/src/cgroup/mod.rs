@@ -541,6 +541,33 @@ pub fn is_systemd_form(cgroups_path: &str) -> bool {
 }
 
 /// The parts of a cgroupsPath in the systemd driver's form `slice:prefix:name`.
+/// Where the compile step for container `id` runs, given the container's cgroupsPath: in
+/// a cgroup of its own beside the container's pod (in the pod's parent, kubelet's QoS
+/// class), in the same driver's form. The node's pods account for it, an admin sees it
+/// there, and no pod's own memory limit holds it: its bound is the node's
+/// `[compile] memory`.
+pub fn compile_step_path(container: &str, id: &str) -> String {
+    if let Some((slice, _, _)) = systemd_form(container) {
+        // kubepods-burstable-pod<uid>.slice lives in kubepods-burstable.slice.
+        let parent = slice
+            .strip_suffix(".slice")
+            .and_then(|name| name.rsplit_once('-'))
+            .map(|(parent, _)| format!("{parent}.slice"))
+            .unwrap_or_else(|| "system.slice".to_owned());
+        return format!("{parent}:bulwark-compile:{id}");
+    }
+    let leaf = format!("bulwark-compile-{id}");
+    let pod_parent = Path::new(container)
+        .parent()
+        .and_then(Path::parent)
+        .filter(|dir| !dir.as_os_str().is_empty() && *dir != Path::new("/"));
+    match pod_parent {
+        Some(dir) => dir.join(leaf).display().to_string(),
+        None if container.starts_with('/') => format!("/{leaf}"),
+        None => leaf,
+    }
+}
+
 fn systemd_form(cgroups_path: &str) -> Option<(&str, &str, &str)> {
     let mut parts = cgroups_path.split(':');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
@@ -600,5 +627,26 @@ mod tests {
             let error = Cgroup::create(path, &Resources::default()).unwrap_err();
             assert!(error.to_string().contains(path), "{error}");
         }
+    }
+
+    #[test]
+    fn compile_steps_run_beside_the_pod_in_the_same_form() {
+        assert_eq!(
+            compile_step_path("kubepods-burstable-pod1.slice:cri-containerd:abc", "abc"),
+            "kubepods-burstable.slice:bulwark-compile:abc"
+        );
+        assert_eq!(
+            compile_step_path("/kubepods/burstable/pod1/abc", "abc"),
+            "/kubepods/burstable/bulwark-compile-abc"
+        );
+        assert_eq!(
+            compile_step_path("tests/pod1/abc", "abc"),
+            "tests/bulwark-compile-abc"
+        );
+        assert_eq!(compile_step_path("pod1/abc", "abc"), "bulwark-compile-abc");
+        assert_eq!(
+            compile_step_path("/pod1/abc", "abc"),
+            "/bulwark-compile-abc"
+        );
     }
 }

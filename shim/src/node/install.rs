@@ -12,6 +12,13 @@ use toml_edit::{Array, DocumentMut, Item, Table, value};
 
 /// The runtime handler (and RuntimeClass handler) name.
 pub const RUNTIME_NAME: &str = "bulwark";
+/// The binaries a node runs, in the order they are installed: the pod sandbox's holder and
+/// the workload's (which the shim finds beside itself), then the shim.
+pub const SHIM_BINARIES: [&str; 3] = ["bulwark-holder", "bulwark-workload", SHIM];
+
+/// The shim's file, which containerd's `runtime_type` resolves to on its PATH.
+pub const SHIM: &str = "containerd-shim-bulwark-v1";
+
 /// containerd's name for the shim: `containerd-shim-bulwark-v1` on its PATH.
 pub const RUNTIME_TYPE: &str = "io.containerd.bulwark.v1";
 /// The annotations containerd must pass through to the shim.
@@ -450,7 +457,15 @@ impl Layout {
 
     /// Where containerd finds the shim, on the node.
     pub fn shim_path(&self) -> std::path::PathBuf {
-        self.shim_dir.join("containerd-shim-bulwark-v1")
+        self.shim_dir.join(SHIM)
+    }
+
+    /// Where the shim and the binaries it starts go, on the node: the helpers first.
+    pub fn shim_paths(&self) -> Vec<std::path::PathBuf> {
+        SHIM_BINARIES
+            .iter()
+            .map(|name| self.shim_dir.join(name))
+            .collect()
     }
 }
 

@@ -24,6 +24,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::mpsc;
 
+pub mod binaries;
+pub mod compile;
 pub mod holder;
 pub mod lockdown;
 pub mod workload;
@@ -75,6 +77,41 @@ pub fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// In a freshly forked child (async-signal-safe), before its exec: become `uid`:`gid` with
+/// no supplementary group and no capability (bounding set included) when this is root,
+/// die with `parent`, no new privileges, and `filter` (see
+/// [`lockdown::seccomp::birth_filter`]). A process started so has no privilege from its
+/// first instruction on.
+pub fn born_unprivileged(
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    parent: libc::pid_t,
+    filter: &seccompiler::BpfProgram,
+) -> std::io::Result<()> {
+    let check = |result: libc::c_int| match result {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    };
+    // SAFETY: plain system calls with integer arguments.
+    unsafe {
+        if libc::geteuid() == 0 {
+            for capability in 0..=63 {
+                // Past the last capability the kernel knows, EINVAL: nothing more to drop.
+                if libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 {
+                    break;
+                }
+            }
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setgid(gid))?;
+            check(libc::setuid(uid))?;
+        }
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+    }
+    // A change of user cleared the parent-death signal.
+    die_with_parent(parent)?;
+    seccompiler::apply_filter(filter).map_err(|_| std::io::Error::last_os_error())
 }
 
 /// kubelet's QoS for a process the shim started, from its container's spec: the OOM score
@@ -130,8 +167,8 @@ impl ProcessLimits {
     }
 }
 
-/// The shim's own binary, for starting its workload and holder processes: the running
-/// file itself, which stays valid when an upgrade replaces the file at the shim's path.
+/// The running binary itself, which stays valid when an upgrade replaces the file at its
+/// path: the CLI starts its compile steps from it.
 pub const SELF_EXE: &str = "/proc/self/exe";
 
 /// A close-on-exec pipe: a process's gate (the read end goes to the child, the write end
@@ -169,4 +206,44 @@ pub fn place_descriptors(fds: &[OwnedFd], first: RawFd) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads `reader` (a pipe from a child) to its end, failing if that takes longer than
+/// `timeout`: a child that hangs must not hang the shim's request with it.
+pub fn read_to_end_within(reader: File, timeout: std::time::Duration) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut poll = libc::pollfd {
+        fd: reader.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut reader = reader;
+    let mut read = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!("no answer within {timeout:?}"));
+        }
+        // SAFETY: poll on one descriptor we own.
+        let ready = unsafe { libc::poll(&mut poll, 1, left.as_millis().max(1) as libc::c_int) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error.to_string());
+        }
+        if ready == 0 {
+            // Timed out: the loop's deadline says so.
+            continue;
+        }
+        let mut chunk = [0u8; 4096];
+        match reader.read(&mut chunk) {
+            Ok(0) => return Ok(read),
+            Ok(n) => read.extend_from_slice(&chunk[..n]),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error.to_string()),
+        }
+    }
 }

@@ -10,49 +10,62 @@ use bulwark_runtime::config::{DEFAULT_CONFIG_PATH, NodeConfig};
 use crate::bundle::spec::ContainerSpec;
 use crate::bundle::{mount_rootfs, remove_files, unmount_rootfs};
 use crate::cgroup::Cgroup;
-use crate::container::Prepared;
 use crate::container::native::{NativeContainer, NativeStdio};
+use crate::container::{CreateError, Pod, Prepared, WasmContainer};
 use crate::process::ProcessLimits;
 
 use super::options::config_path_from_options;
 use super::service::TaskService;
 use super::state::{Container, Kind, Phase};
-use super::stdio::{StdioPaths, hold_output_fifos, open_stdio};
+use super::stdio::{OpenedStdio, StdioPaths, hold_output_fifos};
 
 impl TaskService {
     /// Creates the container of `req` and its process; no lock is held.
     pub(super) fn create_container(
         &self,
         req: &api::CreateTaskRequest,
-    ) -> Result<Container, String> {
+    ) -> Result<Container, CreateError> {
         if req.terminal {
-            return Err("bulwark runs WebAssembly without a terminal: tty is not supported (set tty: false)".into());
+            return Err(CreateError::Refused(
+                "bulwark runs WebAssembly without a terminal: tty is not supported (set tty: false)"
+                    .into(),
+            ));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let spec = ContainerSpec::load(&bundle).map_err(|e| e.to_string())?;
+        let spec = ContainerSpec::load(&bundle)?;
         let config = match config_path_from_options(req.options.as_ref()) {
-            Ok(Some(path)) => NodeConfig::load_required(&path),
-            Ok(None) => NodeConfig::load(Path::new(DEFAULT_CONFIG_PATH)),
-            Err(error) => return Err(error.to_string()),
-        }
-        .map_err(|e| e.to_string())?;
-        mount_rootfs(&bundle, &req.rootfs)?;
+            Ok(Some(path)) => NodeConfig::load_required(&path)?,
+            Ok(None) => NodeConfig::load(Path::new(DEFAULT_CONFIG_PATH))?,
+            Err(error) => return Err(CreateError::NodeUnfit(error.to_string())),
+        };
+        mount_rootfs(&bundle, &req.rootfs).map_err(CreateError::Failed)?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
         };
         let created = if spec.is_sandbox {
-            create_sandbox(&bundle, &spec)
+            create_sandbox(&spec)
         } else {
-            match crate::container::prepare(&bundle, &spec, &config, &self.content) {
-                Ok(Prepared::Wasm(wasm)) => create_wasm(wasm, &spec, &stdio),
-                Ok(Prepared::Native) => create_native(&req.id, &bundle, &spec, &stdio),
-                Err(message) => Err(message),
-            }
+            OpenedStdio::open(&stdio)
+                .map_err(CreateError::Failed)
+                .and_then(|mut opened| {
+                    let pod = Pod {
+                        containers: self.lock().names(),
+                        content: &self.content,
+                    };
+                    let mut log = |line: &str| opened.log(line);
+                    match crate::container::prepare(
+                        &req.id, &bundle, &spec, &config, &pod, &mut log,
+                    )? {
+                        Prepared::Wasm(wasm) => create_wasm(*wasm, &spec, opened),
+                        Prepared::Native => create_native(&req.id, &bundle, &spec, opened),
+                    }
+                })
         };
         match created {
             Ok((kind, pid, cgroup)) => Ok(Container {
+                name: spec.container_name().map(str::to_owned),
                 oom_start: cgroup
                     .as_ref()
                     .filter(|_| matches!(kind, Kind::Wasm { .. }))
@@ -66,10 +79,10 @@ impl TaskService {
                 _output_readers: hold_output_fifos(&stdio),
                 stdio,
             }),
-            Err(message) => {
+            Err(error) => {
                 remove_files(&bundle);
                 unmount_rootfs(&bundle);
-                Err(message)
+                Err(error)
             }
         }
     }
@@ -78,53 +91,52 @@ impl TaskService {
 type Created = (Kind, u32, Option<Cgroup>);
 
 /// The pod sandbox: its holder process in the pod's namespaces and the sandbox's cgroup.
-fn create_sandbox(bundle: &Path, spec: &ContainerSpec) -> Result<Created, String> {
+fn create_sandbox(spec: &ContainerSpec) -> Result<Created, CreateError> {
     crate::container::check_supported(spec)?;
-    let pid = crate::process::holder::parent::start(bundle, spec)?;
+    let pid = crate::process::holder::parent::start(spec).map_err(CreateError::Failed)?;
     let placed = crate::container::create_cgroup(spec).and_then(|cgroup| {
         if let Some(cgroup) = &cgroup {
-            cgroup.place(pid).map_err(|e| e.to_string())?;
+            cgroup.place(pid)?;
         }
-        ProcessLimits::of(spec).apply(pid)?;
+        ProcessLimits::of(spec)
+            .apply(pid)
+            .map_err(CreateError::Failed)?;
         Ok(cgroup)
     });
     match placed {
         Ok(cgroup) => Ok((Kind::Sandbox, pid, cgroup)),
-        Err(message) => {
+        Err(error) => {
             // SAFETY: kill(2) on our own child, not yet reaped.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            Err(message)
+            Err(error)
         }
     }
 }
 
-/// A Wasm container: its workload process, started and waiting at its gate.
+/// A Wasm container: its workload process, started, loaded and waiting at its gate.
 fn create_wasm(
-    wasm: Box<crate::container::WasmContainer>,
+    wasm: WasmContainer,
     spec: &ContainerSpec,
-    stdio: &StdioPaths,
-) -> Result<Created, String> {
-    let wasm = *wasm;
-    let started = open_stdio(stdio).and_then(|stdio| {
-        crate::process::workload::parent::start_gated(
-            wasm.launch,
-            stdio,
-            wasm.cgroup.as_ref(),
-            &ProcessLimits::of(spec),
-        )
-    });
+    stdio: OpenedStdio,
+) -> Result<Created, CreateError> {
+    let started = crate::process::workload::parent::start_gated(
+        wasm.launch,
+        stdio.into_array(),
+        wasm.cgroup.as_ref(),
+        &ProcessLimits::of(spec),
+    );
     match started {
         Ok(gated) => {
             let pid = gated.pid;
             Ok((Kind::Wasm { gate: Some(gated) }, pid, wasm.cgroup))
         }
-        Err(message) => {
+        Err(error) => {
             if let Some(cgroup) = &wasm.cgroup
                 && let Err(err) = cgroup.remove()
             {
                 log::warn!("{err}");
             }
-            Err(message)
+            Err(error.into())
         }
     }
 }
@@ -135,9 +147,9 @@ fn create_native(
     id: &str,
     bundle: &Path,
     spec: &ContainerSpec,
-    stdio: &StdioPaths,
-) -> Result<Created, String> {
-    let [stdin, stdout, stderr] = open_stdio(stdio)?;
+    stdio: OpenedStdio,
+) -> Result<Created, CreateError> {
+    let [stdin, stdout, stderr] = stdio.into_array();
     let (container, init_pid) = NativeContainer::create(
         id,
         bundle,
@@ -147,7 +159,7 @@ fn create_native(
             stderr,
         },
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| CreateError::Failed(e.to_string()))?;
     let cgroup = spec
         .cgroups_path
         .as_deref()

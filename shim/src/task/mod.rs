@@ -26,6 +26,8 @@ use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
 use crate::bundle::spec::ContainerSpec;
 use crate::bundle::{ContentStore, remove_files, unmount_rootfs};
 use crate::cgroup::Cgroup;
+use crate::process::binaries::{WORKLOAD_BINARY, beside_shim};
+use crate::process::holder::HOLDER_BINARY;
 
 mod create;
 pub mod options;
@@ -109,6 +111,13 @@ impl containerd_shim::Shim for BulwarkShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        // Opened as the shim starts: its pod's processes are of its own version even if an
+        // upgrade replaces the files later.
+        for name in [WORKLOAD_BINARY, HOLDER_BINARY] {
+            if let Err(error) = beside_shim(name) {
+                log::warn!("{error}");
+            }
+        }
         TaskService::new(
             ContentStore {
                 address: self.containerd_address.clone(),

@@ -1,6 +1,6 @@
 //! The ttrpc task service of one shim process.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +15,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 
 use crate::bundle::{ContentStore, remove_files, unmount_rootfs};
+use crate::container::CreateError;
 use crate::container::native::NativeContainer;
 
 use super::state::{Container, Exit, Kind, Phase, State};
@@ -85,6 +86,7 @@ impl TaskService {
         let state = Arc::new((
             Mutex::new(State {
                 containers: HashMap::new(),
+                creating: HashSet::new(),
                 unclaimed: VecDeque::new(),
             }),
             Condvar::new(),
@@ -125,7 +127,7 @@ impl TaskService {
             .name("orphaned".into())
             .spawn(move || {
                 std::thread::sleep(SHUTDOWN_GRACE);
-                if state.0.lock().unwrap_or_else(|e| e.into_inner()).containers.is_empty() {
+                if state.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
                     log::warn!(
                         "no Shutdown {SHUTDOWN_GRACE:?} after the last container of pod sandbox {sandbox} was deleted; exiting"
                     );
@@ -252,18 +254,29 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        if self.lock().containers.contains_key(&req.id) {
+        // The id is taken under the lock, so that a second Create of it is refused, not
+        // run alongside the first.
+        if !self.lock().reserve(&req.id) {
             return Err(error(
                 Code::ALREADY_EXISTS,
                 format!("container {} already exists", req.id),
             ));
         }
-        let container = self.create_container(&req).map_err(|message| {
-            log::warn!("refused container {}: {message}", req.id);
-            error(Code::INVALID_ARGUMENT, message)
+        let created = self.create_container(&req);
+        let mut state = self.lock();
+        state.creating.remove(&req.id);
+        let container = created.map_err(|failure| {
+            log::warn!("refused container {}: {failure}", req.id);
+            let code = match failure {
+                CreateError::Refused(_) => Code::INVALID_ARGUMENT,
+                CreateError::NodeUnfit(_) => Code::FAILED_PRECONDITION,
+                CreateError::Failed(_) => Code::INTERNAL,
+            };
+            error(code, failure.to_string())
         })?;
         let pid = container.pid;
-        let exited = self.lock().insert(&req.id, container);
+        let exited = state.insert(&req.id, container);
+        drop(state);
         let mut event = TaskCreate::new();
         event.container_id = req.id.clone();
         event.bundle = req.bundle.clone();
@@ -518,7 +531,7 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<Empty> {
-        let remaining = self.lock().containers.len();
+        let remaining = self.lock().len();
         if remaining == 0 {
             log::info!("shutdown after {}: no containers left, exiting", req.id);
             self.shutdown.signal();

@@ -1,6 +1,6 @@
 //! The pod's containers as the shim tracks them: their phase, process and exit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -42,6 +42,8 @@ pub(super) enum Kind {
 }
 
 pub(super) struct Container {
+    /// Its name in the pod (CRI's), if it has one (the sandbox has none).
+    pub(super) name: Option<String>,
     pub(super) bundle: PathBuf,
     pub(super) kind: Kind,
     pub(super) status: Phase,
@@ -71,10 +73,36 @@ impl Container {
 /// process that dies between its start and its container's entry here).
 pub(super) struct State {
     pub(super) containers: HashMap<String, Container>,
+    /// Ids whose Create is under way (outside the lock).
+    pub(super) creating: HashSet<String>,
     pub(super) unclaimed: VecDeque<(u32, Exit)>,
 }
 
 impl State {
+    /// Takes `id` for a Create under way; `false` if a container has it already (or is
+    /// being created with it).
+    pub(super) fn reserve(&mut self, id: &str) -> bool {
+        !self.containers.contains_key(id) && self.creating.insert(id.to_owned())
+    }
+
+    /// The names of the pod's containers this shim has created.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.containers
+            .values()
+            .filter_map(|container| container.name.clone())
+            .collect()
+    }
+
+    /// Containers, those being created included.
+    pub(super) fn len(&self) -> usize {
+        self.containers.len() + self.creating.len()
+    }
+
+    /// Whether the shim has no container at all, none being created either.
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub(super) fn get(&self, id: &str) -> Result<&Container, TtrpcError> {
         self.containers.get(id).ok_or_else(|| not_found(id))
     }

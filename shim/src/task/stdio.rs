@@ -1,6 +1,7 @@
 //! The container's stdio: the FIFOs containerd made for it.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::Stdio;
 
@@ -12,18 +13,42 @@ pub(super) struct StdioPaths {
     pub(super) stderr: String,
 }
 
-/// Opens the FIFOs containerd created for the container's stdio (`/dev/null` if none).
-pub(super) fn open_stdio(paths: &StdioPaths) -> Result<[Stdio; 3], String> {
-    Ok([
-        open_fifo(&paths.stdin, false)?,
-        open_fifo(&paths.stdout, true)?,
-        open_fifo(&paths.stderr, true)?,
-    ])
+/// The container's stdio, opened: its process gets it, and until then the shim writes
+/// what the container's log should say while it is created.
+pub(super) struct OpenedStdio {
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
 }
 
-fn open_fifo(path: &str, write: bool) -> Result<Stdio, String> {
+impl OpenedStdio {
+    /// Opens the FIFOs containerd created for the container's stdio (`/dev/null` for those
+    /// it made none).
+    pub(super) fn open(paths: &StdioPaths) -> Result<OpenedStdio, String> {
+        Ok(OpenedStdio {
+            stdin: open_fifo(&paths.stdin, false)?,
+            stdout: open_fifo(&paths.stdout, true)?,
+            stderr: open_fifo(&paths.stderr, true)?,
+        })
+    }
+
+    /// Writes `bulwark: <line>` to the container's stderr, which is its log.
+    pub(super) fn log(&mut self, line: &str) {
+        if let Some(stderr) = &mut self.stderr {
+            let _ = writeln!(stderr, "bulwark: {line}");
+        }
+    }
+
+    /// stdin, stdout and stderr for the container's process.
+    pub(super) fn into_array(self) -> [Stdio; 3] {
+        [self.stdin, self.stdout, self.stderr]
+            .map(|file| file.map_or_else(Stdio::null, Stdio::from))
+    }
+}
+
+fn open_fifo(path: &str, write: bool) -> Result<Option<File>, String> {
     if path.is_empty() {
-        return Ok(Stdio::null());
+        return Ok(None);
     }
     let file = if write {
         OpenOptions::new().write(true).open(path)
@@ -42,7 +67,7 @@ fn open_fifo(path: &str, write: bool) -> Result<Stdio, String> {
                 }
             })
     };
-    file.map(Stdio::from)
+    file.map(Some)
         .map_err(|e| format!("cannot open {path}: {e}"))
 }
 

@@ -1,5 +1,5 @@
-//! The installer image (`images/installer`): `bulwark` and `containerd-shim-bulwark-v1`
-//! from this build at the image's root and nothing else (they are statically linked), as
+//! The installer image (`images/installer`): `bulwark`, `containerd-shim-bulwark-v1` and
+//! the binaries the shim starts from this build at the image's root and nothing else (they are statically linked), as
 //! an ordinary OCI image built without a Docker engine. The Helm chart's DaemonSet runs it.
 
 use std::path::Path;
@@ -9,7 +9,12 @@ use anyhow::{Context, Result, ensure};
 use bulwark_runtime::image::{self, Image, LayerEntry, RunConfig};
 
 /// The binaries the image carries, from this build's release directory.
-pub const BINARIES: [&str; 2] = ["bulwark", "containerd-shim-bulwark-v1"];
+pub const BINARIES: [&str; 4] = [
+    "bulwark",
+    "containerd-shim-bulwark-v1",
+    "bulwark-workload",
+    "bulwark-holder",
+];
 
 /// Whether an ELF binary asks for a dynamic loader (a `PT_INTERP` program header), as
 /// binutils' `readelf` shows it.

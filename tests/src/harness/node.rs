@@ -29,6 +29,12 @@ allow_native = false
 allow_network = false
 "#;
 
+/// The shim's file name.
+pub const SHIM: &str = "containerd-shim-bulwark-v1";
+/// The shim and the binaries it starts beside itself, as `bulwark install` puts them on a
+/// node (helpers first).
+pub const SHIM_BINARIES: [&str; 3] = ["bulwark-holder", "bulwark-workload", SHIM];
+
 /// The name of the runtime handler (and RuntimeClass).
 pub const HANDLER: &str = "bulwark";
 
@@ -39,7 +45,7 @@ pub const SHIM_ENV: &str = "BULWARK_TEST_SHIM";
 pub fn shim_binary() -> Result<PathBuf> {
     let path = std::env::var_os(SHIM_ENV)
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::release_dir().join("containerd-shim-bulwark-v1"));
+        .unwrap_or_else(|| crate::release_dir().join(SHIM));
     ensure!(
         path.exists(),
         "{} is missing: run `make build`",
@@ -338,6 +344,25 @@ impl Node {
             String::from_utf8_lossy(&output.stderr)
         );
         Ok(reference)
+    }
+
+    /// Pushes an ordinary image of `entries` whose entrypoint is `entrypoint` as
+    /// `REGISTRY/repo:v1`; returns its reference.
+    pub fn push_entries(
+        &self,
+        repo: &str,
+        entries: &[bulwark_runtime::image::LayerEntry],
+        entrypoint: &str,
+    ) -> Result<String> {
+        let image = bulwark_runtime::image::ordinary_image(
+            entries,
+            &bulwark_runtime::image::RunConfig {
+                entrypoint: vec![entrypoint.to_owned()],
+                ..Default::default()
+            },
+        )?;
+        let reference = format!("{repo}:v1");
+        super::images::push_image(&self.registry, self.temp(), &image, &reference)
     }
 
     /// Runs one container in a new `bulwark` pod to its end and tears the pod down.

@@ -1,7 +1,9 @@
-//! Modules that are big in bytes or in functions: a 100 MiB module runs without any shim
-//! holding it in memory; one with a million functions, too costly to compile within its
-//! container's memory limit, ends `OOMKilled` as a runc container over its limit does, its
-//! shim untouched; one past Wasm's limit of a million functions is refused by name.
+//! Modules that are big in bytes or in functions, and containers too small for what runs
+//! in them: a 100 MiB module runs without any shim holding it in memory; one with a
+//! million functions, too costly to compile within the node's bound on one compilation, is
+//! refused naming that bound and the module's size; one past Wasm's limit of a million
+//! functions is refused by name; a workload that outgrows its container's limit ends
+//! `OOMKilled` as a runc container over its limit does, its shim untouched.
 
 use std::time::Duration;
 
@@ -18,9 +20,20 @@ use bulwark_tests::harness::process::is_alive;
 const PADDING: usize = 100 << 20;
 /// wasmparser's (and so Wasmtime's) limit on the functions of one module.
 const MAX_FUNCTIONS: u32 = 1_000_000;
-/// The memory limit of the million-function container: the workload process with its
-/// module fits many times over; compiling a million functions takes gigabytes.
-const MEMORY_LIMIT: i64 = 64 << 20;
+/// The node's bound on one compilation in the million-function test (`[compile] memory`):
+/// compiling a million functions takes gigabytes.
+const COMPILE_MEMORY: &str = "512Mi";
+/// The container limit of the OOM test: less than the volume its guest fills.
+const OOM_LIMIT: i64 = 16 << 20;
+
+/// Unmounts a test's tmpfs, even when the test fails.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
 
 fn leb128(mut value: u64, out: &mut Vec<u8>) {
     loop {
@@ -133,45 +146,86 @@ async fn a_100_mib_module_runs_and_no_shim_holds_it_in_memory() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_module_too_costly_to_compile_in_its_memory_limit_is_oomkilled_as_in_runc() -> Result<()>
-{
+async fn a_module_too_costly_to_compile_is_refused_naming_the_nodes_bound() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
-    let node = Node::start(suite_containerd().await?, NODE_CONFIG).await?;
+    // Compiling a million functions takes gigabytes: far more than this node lets one
+    // compilation have.
+    let config = format!("{NODE_CONFIG}\n[compile]\nmemory = \"{COMPILE_MEMORY}\"\n");
+    let node = Node::start(suite_containerd().await?, &config).await?;
 
-    // Past the limit: refused by wasmparser before any compilation, the limit named.
+    // Past the limit: refused by the compile step's parser, the limit named.
     let too_many = write(&node, "too-many.wasm", &functions(MAX_FUNCTIONS + 1))?;
     let image = node.push_module(&too_many, "too-many-functions", Format::Layer, None)?;
-    let done = node
-        .run(
+    let error = node
+        .refused(
             PodSpec::new("too-many-functions"),
             ContainerSpec::new("too-many", image).command(["/app.wasm"]),
         )
         .await?;
     ensure!(
-        done.exit.exit_code != 0
-            && done
-                .stderr
-                .contains("functions count exceeds limit of 1000000"),
-        "exit {}: {}",
-        done.exit.exit_code,
-        done.stderr
+        error.contains("/app.wasm: invalid WebAssembly")
+            && error.contains("functions count exceeds limit of 1000000"),
+        "{error}"
     );
 
-    // At the limit: valid, and compiling it needs gigabytes. The kernel kills the workload
-    // in its container's cgroup; kubelet hears OOMKilled, as for the runc container.
+    // At the limit: valid, and compiling it outgrows the node's bound for one compilation.
+    // The container is refused with the bound, where it is set and the module's size; the
+    // compile step's cgroup goes, and the node carries on.
     let million = write(&node, "million.wasm", &functions(MAX_FUNCTIONS))?;
+    let size = std::fs::metadata(&million)?.len();
     let image = node.push_module(&million, "million-functions", Format::Layer, None)?;
-    node.cri.pull(&image).await?;
-    let pod = PodSpec::new("million-functions").runtime_handler(HANDLER);
+    let error = node
+        .refused(
+            PodSpec::new("million-functions"),
+            ContainerSpec::new("million", image)
+                .command(["/app.wasm"])
+                .memory_limit(64 << 20),
+        )
+        .await?;
+    let expected = format!(
+        "compiling /app.wasm ({:.1}Mi) needed more than the {COMPILE_MEMORY} one compilation may use on this node (compile.memory in the node configuration)",
+        size as f64 / f64::from(1 << 20)
+    );
+    ensure!(error.contains(&expected), "{error}\nexpected: {expected}");
+    let hello = node.push_guest("hello", Format::Layer)?;
+    let done = node
+        .run(PodSpec::new("after"), ContainerSpec::new("hello", hello))
+        .await?;
+    ensure!(done.stdout == "hello from bulwark\n", "{}", done.stderr);
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_that_outgrows_its_container_ends_oomkilled_as_in_runc() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = Node::start(suite_containerd().await?, NODE_CONFIG).await?;
+    // A guest that fills a memory-backed volume (an emptyDir with medium Memory) past its
+    // container's limit: those pages are the container's and cannot be reclaimed, so the
+    // kernel kills the workload in its cgroup; kubelet hears OOMKilled, as for the runc
+    // container over the same limit.
+    let volume_dir = tempfile::tempdir()?;
+    let volume = volume_dir.path().to_owned();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&volume)
+        .status()?;
+    ensure!(mounted.success(), "mount tmpfs on {}", volume.display());
+    let _unmount = Unmount(volume.clone());
+    let fileio = node.push_guest("fileio", Format::Layer)?;
+    node.cri.pull(&fileio).await?;
+    let pod = PodSpec::new("oom")
+        .runtime_handler(HANDLER)
+        .annotation("bulwark.dev/dirs", "/cache:rw");
     let pod_id = node.cri.run_pod(&pod).await?;
-    let container = ContainerSpec::new("million", image)
-        .command(["/app.wasm"])
-        .memory_limit(MEMORY_LIMIT);
+    let container = ContainerSpec::new("filler", fileio)
+        .args(["fill", "/cache/fill", "32"])
+        .mount(&volume, "/cache", false)
+        .memory_limit(OOM_LIMIT);
     let id = node.cri.create_container(&pod_id, &pod, &container).await?;
     let shims = node.containerd.shim_pids();
     ensure!(shims.len() == 1, "one shim, not {shims:?}");
     node.cri.start_container(&id).await?;
-    let wasm = node.cri.wait_exited(&id, Duration::from_secs(300)).await?;
+    let wasm = node.cri.wait_exited(&id, Duration::from_secs(120)).await?;
 
     let busybox = node.images.busybox.clone();
     node.cri.pull(&busybox).await?;
@@ -187,7 +241,7 @@ async fn a_module_too_costly_to_compile_in_its_memory_limit_is_oomkilled_as_in_r
             "bs=128M",
             "count=1",
         ])
-        .memory_limit(MEMORY_LIMIT);
+        .memory_limit(OOM_LIMIT);
     let runc_id = node
         .cri
         .create_container(&runc_pod_id, &runc_pod, &hog)
@@ -197,7 +251,6 @@ async fn a_module_too_costly_to_compile_in_its_memory_limit_is_oomkilled_as_in_r
         .cri
         .wait_exited(&runc_id, Duration::from_secs(60))
         .await?;
-
     ensure!(
         (wasm.exit_code, wasm.reason.as_str()) == (137, "OOMKilled"),
         "bulwark: exit {} reason {:?} ({})",

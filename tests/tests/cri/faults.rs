@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
-use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node, NodeOptions, shim_binary};
+use bulwark_tests::harness::node::{
+    Format, HANDLER, NODE_CONFIG, Node, NodeOptions, SHIM, SHIM_BINARIES, shim_binary,
+};
 use bulwark_tests::harness::process::{is_alive, signal};
 
 use crate::{ONE_CONTAINERD, suite_containerd};
@@ -196,19 +198,27 @@ async fn a_killed_shim_leaves_no_workload_behind() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgraded_shim_binary_starts_new_containers_in_running_pods() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
-    // The handler runs a copy of the shim that the test replaces, as `bulwark install`
-    // does on an upgrade: a new file renamed over the old one.
+    // The handler runs a copy of the shim and its binaries that the test replaces, as
+    // `bulwark install` does on an upgrade: new files renamed over the old ones.
     let dir = tempfile::tempdir()?;
-    let installed = dir.path().join("containerd-shim-bulwark-v1");
-    std::fs::copy(shim_binary()?, &installed).context("cannot copy the shim")?;
+    let built = shim_binary()?;
+    let install = || -> Result<()> {
+        for name in SHIM_BINARIES {
+            let upgrade = dir.path().join(format!(".{name}.new"));
+            std::fs::copy(built.with_file_name(name), &upgrade)
+                .with_context(|| format!("cannot copy {name}"))?;
+            std::fs::rename(&upgrade, dir.path().join(name))?;
+        }
+        Ok(())
+    };
+    install()?;
+    let installed = dir.path().join(SHIM);
     let node = Node::start_with(
         NodeOptions::new(suite_containerd().await?, NODE_CONFIG).shim(installed.clone()),
     )
     .await?;
     let (pod, pod_id, first) = sleeping_pod(&node, "upgraded", 3000).await?;
-    let upgrade = dir.path().join(".containerd-shim-bulwark-v1.new");
-    std::fs::copy(shim_binary()?, &upgrade)?;
-    std::fs::rename(&upgrade, &installed)?;
+    install()?;
 
     let hello = node.push_guest("hello", Format::Layer)?;
     let second = node

@@ -16,7 +16,9 @@ use tokio::sync::Mutex;
 
 mod big_modules;
 mod faults;
+mod hostile_images;
 mod isolation;
+mod processes;
 mod resilience;
 mod serving;
 
@@ -535,6 +537,32 @@ async fn oci_wasm_artifacts_run_on_containerd_1_7() -> Result<()> {
         )
         .await?;
     assert_eq!(done.exit.exit_code, 152, "{}", done.stderr);
+    // A tag moved between the pull and the start (another pull of it, by another pod):
+    // the container runs the image kubelet pulled for it, by its image ID, not what the
+    // tag names by then.
+    let guests = bulwark_tests::build_dir().join("guests");
+    let moving = node.push_module(&guests.join("hello.wasm"), "moving", Format::Artifact, None)?;
+    node.cri.pull(&moving).await?;
+    let pod_spec = pod("moving").runtime_handler(HANDLER);
+    let pod_id = node.cri.run_pod(&pod_spec).await?;
+    let container = ContainerSpec::new("moving", moving.clone()).command(["hello.wasm"]);
+    let id = node
+        .cri
+        .create_container(&pod_id, &pod_spec, &container)
+        .await?;
+    node.push_module(&guests.join("loop.wasm"), "moving", Format::Artifact, None)?;
+    node.cri.pull(&moving).await?;
+    node.cri.start_container(&id).await?;
+    let done = node.finished(&id, Duration::from_secs(30)).await?;
+    assert_eq!(
+        (done.exit.exit_code, done.stdout.as_str()),
+        (0, "hello from bulwark\n"),
+        "{}",
+        done.stderr
+    );
+    node.cri.remove_container(&id).await?;
+    node.cri.stop_pod(&pod_id).await?;
+    node.cri.remove_pod(&pod_id).await?;
     // The wasm-in-layer format works on 1.7 too.
     let layered = node.push_guest("hello", Format::Layer)?;
     let done = node

@@ -69,6 +69,8 @@ async fn a_full_module_cache_still_runs_pods_compiled_in_memory() -> Result<()> 
     let mut writer = std::io::BufWriter::new(filler);
     while std::io::Write::write_all(&mut writer, &chunk).is_ok() {}
     let _ = std::io::Write::flush(&mut writer);
+    // Closed now: an open file keeps the filesystem busy, and it could not be unmounted.
+    drop(writer);
 
     for stderr in hellos(&node, "full-cache", 3).await? {
         let warnings: Vec<&str> = stderr
@@ -98,10 +100,7 @@ async fn cache_entries_truncated_while_pods_start_are_recompiled_never_loaded() 
                 .flatten()
             {
                 let path = entry.path();
-                if path
-                    .extension()
-                    .is_some_and(|e| e == "module" || e == "component")
-                {
+                if path.extension().is_some_and(|e| e == "artifact") {
                     found.push(path);
                 }
             }
@@ -115,7 +114,10 @@ async fn cache_entries_truncated_while_pods_start_are_recompiled_never_loaded() 
         cache.display()
     );
 
-    // Truncate every entry to a random-ish length, over and over, while ten pods start.
+    // Replace every entry by a truncated copy of a random-ish length, over and over, while
+    // ten pods start: damage that appears in the cache between a pod's looks. (A file is
+    // never changed in place in the cache: Bulwark only renames new ones over old ones,
+    // and a loader maps the very file it verified.)
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let truncator = {
         let (stop, cache) = (stop.clone(), cache.clone());
@@ -123,11 +125,14 @@ async fn cache_entries_truncated_while_pods_start_are_recompiled_never_loaded() 
             let mut cuts = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for path in entries(&cache) {
-                    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path)
-                        && let Ok(meta) = file.metadata()
-                    {
-                        let _ = file.set_len(meta.len() * (cuts % 7 + 1) / 8);
-                        cuts += 1;
+                    let damaged = path.with_extension("damaged");
+                    if let Ok(bytes) = std::fs::read(&path) {
+                        let keep = bytes.len() * (cuts as usize % 7 + 1) / 8;
+                        if std::fs::write(&damaged, &bytes[..keep]).is_ok()
+                            && std::fs::rename(&damaged, &path).is_ok()
+                        {
+                            cuts += 1;
+                        }
                     }
                 }
                 std::thread::sleep(Duration::from_millis(3));

@@ -36,7 +36,20 @@ impl ServingPod {
         annotations: &[(&str, &str)],
         containers: &[(&str, u16)],
     ) -> Result<ServingPod> {
-        let image = node.push_component("httpd", format)?;
+        Self::start_component(node, "httpd", format, name, annotations, containers, None).await
+    }
+
+    /// As [`ServingPod::start`], for `component`, each container with `memory_limit`.
+    async fn start_component(
+        node: &Node,
+        component: &str,
+        format: Format,
+        name: &str,
+        annotations: &[(&str, &str)],
+        containers: &[(&str, u16)],
+        memory_limit: Option<i64>,
+    ) -> Result<ServingPod> {
+        let image = node.push_component(component, format)?;
         node.cri.pull(&image).await?;
         let pod = annotated(name, annotations)
             .pod_network()
@@ -50,7 +63,10 @@ impl ServingPod {
                 .security(SecurityContext::restricted(Some(65532)));
             if format == Format::Artifact {
                 // An artifact has no entrypoint: the pod names argv[0].
-                spec = spec.command(["httpd.wasm"]);
+                spec = spec.command([format!("{component}.wasm")]);
+            }
+            if let Some(limit) = memory_limit {
+                spec = spec.memory_limit(limit);
             }
             let container_id = node.cri.create_container(&id, &pod, &spec).await?;
             node.cri.start_container(&container_id).await?;
@@ -325,8 +341,8 @@ async fn serving_that_cannot_fit_its_memory_limit_is_refused_at_start() -> Resul
         .await?;
     assert!(
         error.contains(
-            "bulwark.dev/concurrency: 10 instances of 16Mi each need 160Mi, more than the 48Mi"
-        ),
+            "bulwark.dev/concurrency: 10 instances of 16Mi each do not fit: the container's memory limit of 64Mi holds the runtime ("
+        ) && error.contains(" measured, 4Mi margin)"),
         "{error}"
     );
     node.finish().await
@@ -356,5 +372,107 @@ async fn a_serving_oci_wasm_artifact_answers_on_containerd_1_7() -> Result<()> {
         "deadline of 1s exceeded (bulwark.dev/timeout)",
     );
     pod.remove(&node).await?;
+    node.finish().await
+}
+
+/// A node configuration as a fresh install writes it: no defaults at all.
+const FRESH_NODE: &str = "[ceilings]\nmemory = \"1Gi\"\n";
+
+/// The container limit the Python service tests size their pods with.
+const PYTHON_LIMIT: i64 = 512 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_service_holds_its_memory_limit_from_a_cold_node_and_a_warm_one() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node =
+        Node::start_with(NodeOptions::new(suite_containerd().await?, FRESH_NODE).pod_network())
+            .await?;
+    for temperature in ["cold", "warm"] {
+        let start = |name: &str, annotations: &'static [(&'static str, &'static str)]| {
+            let name = format!("{temperature}-{name}");
+            let node = &node;
+            async move {
+                if temperature == "cold" {
+                    // The first pod of the module on this node: its cache does not hold it.
+                    node.empty_cache()?;
+                }
+                ServingPod::start_component(
+                    node,
+                    "pyhttp",
+                    Format::Layer,
+                    &name,
+                    annotations,
+                    &[("app", 8080)],
+                    Some(PYTHON_LIMIT),
+                )
+                .await
+            }
+        };
+        // Nothing asked: it serves, with figures derived from the component.
+        let plain = start("plain", &[]).await?;
+        let hello = plain.get(8080, "/").await?;
+        ensure!(
+            (hello.status, hello.body.as_str()) == (200, "hello from python\n"),
+            "{temperature}: {hello:?}"
+        );
+        let log = plain.stderr(&node, 0).await?;
+        ensure!(
+            log.iter().any(|line| line.contains("the runtime holds")),
+            "{temperature}: no serving figures in {log:?}"
+        );
+        if temperature == "cold" {
+            ensure!(
+                log.iter().any(|line| line.contains("compiling /app.wasm")),
+                "{temperature}: the log does not say the pod waits for a compilation: {log:?}"
+            );
+        }
+        plain.remove(&node).await?;
+
+        // A memory limit per instance that the guest outgrows: only that request ends.
+        let memory = start("memory", &[("bulwark.dev/memory", "256Mi")]).await?;
+        memory.get(8080, "/grow/300").await?.assert_limit(
+            500,
+            "memory",
+            "memory limit of 256Mi reached (bulwark.dev/memory)",
+        );
+        let after = memory.get(8080, "/").await?;
+        ensure!(after.status == 200, "{temperature}: {after:?}");
+        memory.remove(&node).await?;
+
+        // Fuel: it serves, and a spinning request ends by it.
+        let fuel = start("fuel", &[("bulwark.dev/fuel", "2000000000")]).await?;
+        let hello = fuel.get(8080, "/").await?;
+        ensure!(hello.status == 200, "{temperature}: {hello:?}");
+        fuel.get(8080, "/loop").await?.assert_limit(
+            500,
+            "fuel",
+            "fuel exhausted after 2000000000 units (bulwark.dev/fuel)",
+        );
+        fuel.remove(&node).await?;
+
+        // A limit that cannot hold one instance: refused at CreateContainer with the figures.
+        if temperature == "cold" {
+            node.empty_cache()?;
+        }
+        let image = node.push_component("pyhttp", Format::Layer)?;
+        let error = node
+            .refused(
+                PodSpec::new(format!("{temperature}-small")).pod_network(),
+                ContainerSpec::new("app", image)
+                    .security(SecurityContext::restricted(Some(65532)))
+                    .memory_limit(16 << 20),
+            )
+            .await?;
+        for part in [
+            "the component cannot be served in this container",
+            "memory limit of 16Mi holds the runtime",
+            "one instance needs",
+        ] {
+            ensure!(
+                error.contains(part),
+                "{temperature}: {part} missing from {error}"
+            );
+        }
+    }
     node.finish().await
 }

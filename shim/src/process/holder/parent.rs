@@ -2,31 +2,32 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::ffi::OsStringExt;
 
-use crate::bundle::spec::{ContainerSpec, NamespaceKind};
-use crate::process::{on_spawner_thread, pipe};
+use crate::bundle::spec::{ContainerSpec, NamespaceKind, POD_NAMESPACES};
+use crate::process::binaries::beside_shim;
+use crate::process::{on_spawner_thread, pipe, read_to_end_within};
 
-use super::{SETUP_TIMEOUT, STATUS_FD};
+use super::child::{Setup, arguments};
+use super::{HOLDER_BINARY, PAUSE_USER, SETUP_TIMEOUT, STATUS_FD};
 
 /// Starts the holder of the pod sandbox whose bundle is `bundle`; returns its pid once it
 /// is in the pod's namespaces.
-pub fn start(bundle: &Path, spec: &ContainerSpec) -> Result<u32, String> {
+pub fn start(spec: &ContainerSpec) -> Result<u32, String> {
+    let holder = beside_shim(HOLDER_BINARY)?;
+    let setup = setup_of(spec)?;
     let new_namespaces = spec
         .namespaces
         .iter()
         .filter(|ns| ns.path.is_none())
-        .filter(|ns| {
-            ns.kind == NamespaceKind::Pid || crate::bundle::spec::POD_NAMESPACES.contains(&ns.kind)
-        })
+        .filter(|ns| ns.kind == NamespaceKind::Pid || POD_NAMESPACES.contains(&ns.kind))
         .fold(0, |flags, ns| flags | ns.kind.clone_flag());
     let (status_reader, status_writer) = pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
-    let bundle_arg = CString::new(bundle.as_os_str().as_bytes())
-        .map_err(|_| format!("bundle path {} holds a NUL byte", bundle.display()))?;
-    let pid = on_spawner_thread(move || clone_holder(new_namespaces, &bundle_arg, &status_writer))
+    let exe = CString::new(holder.path().into_os_string().into_vec())
+        .map_err(|_| "the holder's path holds a NUL byte".to_owned())?;
+    let args = arguments(&setup);
+    let pid = on_spawner_thread(move || clone_holder(new_namespaces, &exe, &args, &status_writer))
         .map_err(|e| format!("cannot start the pod sandbox process: {e}"))?;
     match read_status(status_reader) {
         Ok(()) => Ok(pid),
@@ -38,22 +39,58 @@ pub fn start(bundle: &Path, spec: &ContainerSpec) -> Result<u32, String> {
     }
 }
 
-/// clone(2) without CLONE_VM (a fork) into the new namespaces, then exec this binary as the
-/// holder. A fork, not `Command`, because only clone can put the child into a new PID
-/// namespace as its init; between clone and exec the child makes raw system calls only.
+/// What the holder of the pod sandbox of `spec` is asked to do: the namespaces to join,
+/// the hostname and sysctls to set, and who to run as.
+fn setup_of(spec: &ContainerSpec) -> Result<Setup, String> {
+    let joins = spec
+        .namespaces
+        .iter()
+        .filter(|ns| POD_NAMESPACES.contains(&ns.kind))
+        .filter_map(|ns| ns.path.as_ref().map(|path| (ns.kind.clone_flag(), path)))
+        .map(|(flag, path)| (flag, path.clone().into_os_string()))
+        .collect();
+    let own_uts = spec
+        .namespace(NamespaceKind::Uts)
+        .is_some_and(|ns| ns.path.is_none());
+    let no_nul = |what: &str, value: &str| match value.contains('\0') {
+        true => Err(format!("{what} {value:?} holds a NUL byte")),
+        false => Ok(()),
+    };
+    let mut sysctls = Vec::new();
+    for (key, value) in &spec.sysctls {
+        no_nul("sysctl", key)?;
+        no_nul("sysctl value", value)?;
+        sysctls.push((key.clone(), value.clone()));
+    }
+    let hostname = spec.hostname.clone().filter(|_| own_uts);
+    if let Some(hostname) = &hostname {
+        no_nul("hostname", hostname)?;
+    }
+    let (uid, gid) = match spec.user.uid {
+        0 => (PAUSE_USER, PAUSE_USER),
+        uid => (uid, spec.user.gid),
+    };
+    Ok(Setup {
+        joins,
+        hostname,
+        sysctls,
+        uid,
+        gid,
+    })
+}
+
+/// clone(2) without CLONE_VM (a fork) into the new namespaces, then exec the holder. A
+/// fork, not `Command`, because only clone can put the child into a new PID namespace as
+/// its init; between clone and exec the child makes raw system calls only.
 fn clone_holder(
     new_namespaces: libc::c_int,
-    bundle: &CString,
+    exe: &CString,
+    args: &[CString],
     status_writer: &File,
 ) -> std::io::Result<u32> {
-    // The running binary, as for workloads (see `crate::process::SELF_EXE`).
-    let exe = c"/proc/self/exe";
-    let argv = [
-        c"containerd-shim-bulwark-v1".as_ptr(),
-        c"sandbox".as_ptr(),
-        bundle.as_ptr(),
-        std::ptr::null(),
-    ];
+    let mut argv: Vec<*const libc::c_char> = vec![c"bulwark-holder".as_ptr()];
+    argv.extend(args.iter().map(|arg| arg.as_ptr()));
+    argv.push(std::ptr::null());
     let envp = [std::ptr::null::<libc::c_char>()];
     let status = status_writer.as_raw_fd();
     // SAFETY: a fork-like clone; the child only calls dup2, fcntl, prctl, execve and _exit,
@@ -90,36 +127,7 @@ fn clone_holder(
 
 /// Waits for the holder's report: `ok`, or what went wrong.
 fn read_status(reader: File) -> Result<(), String> {
-    let mut poll = libc::pollfd {
-        fd: reader.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let mut report = Vec::new();
-    let deadline = std::time::Instant::now() + SETUP_TIMEOUT;
-    let mut reader = reader;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(format!("no answer within {SETUP_TIMEOUT:?}"));
-        }
-        // SAFETY: poll on one descriptor we own.
-        let ready = unsafe { libc::poll(&mut poll, 1, left.as_millis() as libc::c_int) };
-        if ready < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error.to_string());
-        }
-        let mut chunk = [0u8; 512];
-        match reader.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => report.extend_from_slice(&chunk[..n]),
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error.to_string()),
-        }
-    }
+    let report = read_to_end_within(reader, SETUP_TIMEOUT)?;
     match String::from_utf8_lossy(&report).trim() {
         "ok" => Ok(()),
         "" => Err("the process exited before it was set up".into()),

@@ -29,7 +29,7 @@ pub struct Confinement<'a> {
     pub writable_file: Option<&'a OwnedFd>,
     /// TCP ports it may connect to.
     pub tcp_ports: Vec<u16>,
-    /// Who it runs as.
+    /// Who it runs as (a process that is not root stays who it is).
     pub user: &'a User,
     /// Whether it may run where the kernel does not enforce Landlock.
     pub allow_without_landlock: bool,
@@ -50,10 +50,19 @@ pub fn lock_down(confinement: &Confinement) -> Result<()> {
         threads == 1,
         "{threads} threads exist before the lock-down; expected 1"
     );
+    // Root (the shim's processes) gives up every privilege and becomes the user; anyone
+    // else (the CLI run by a user) has none to give up but the sets it may clear itself.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     set_no_new_privs()?;
     restrict_access(confinement)?;
-    drop_capability_bounds()?;
-    become_user(confinement.user)?;
+    if root {
+        caps::clear(None, caps::CapSet::Bounding).context("cannot drop the bounding set")?;
+    }
+    drop_inheritable_capabilities()?;
+    if root {
+        become_user(confinement.user)?;
+    }
     clear_capabilities()?;
     crate::process::die_with_parent(confinement.parent)
         .context("cannot tie this process to its shim")?;
@@ -69,9 +78,8 @@ fn set_no_new_privs() -> Result<()> {
     Ok(())
 }
 
-/// The bounding, ambient and inheritable sets, while CAP_SETPCAP is still effective.
-fn drop_capability_bounds() -> Result<()> {
-    caps::clear(None, caps::CapSet::Bounding).context("cannot drop the bounding set")?;
+/// The ambient and inheritable sets: nothing passes to a program executed later.
+fn drop_inheritable_capabilities() -> Result<()> {
     caps::clear(None, caps::CapSet::Ambient).context("cannot clear ambient capabilities")?;
     caps::clear(None, caps::CapSet::Inheritable)
         .context("cannot clear inheritable capabilities")?;

@@ -241,6 +241,69 @@ pub fn filter(needs: Needs, pid: libc::pid_t) -> Result<BpfProgram, SeccompError
     .map_err(error)
 }
 
+/// System calls none of Bulwark's processes makes at any point in its life: refused by the
+/// filter a process is born with (see [`birth_filter`]) before its binary runs a single
+/// instruction, under the allow-list it installs later.
+const NEVER: &[i64] = &[
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_userfaultfd,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_fsopen,
+    libc::SYS_fsmount,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_fsconfig,
+    libc::SYS_fspick,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_reboot,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+];
+
+/// The filter a process that handles guest bytes is born with, between its fork and its
+/// exec: [`NEVER`] refused (EPERM), the rest allowed, so that its binary's own start-up
+/// runs, and the allow-list it installs once it is up stacks on top. Built before the
+/// fork: applying it there is one system call.
+pub fn birth_filter() -> Result<BpfProgram, SeccompError> {
+    let error = |e: &dyn std::fmt::Display| SeccompError(e.to_string());
+    let rules = NEVER.iter().map(|&syscall| (syscall, Vec::new())).collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| error(&e))?;
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| error(&e))?
+    .try_into()
+    .map_err(|e: seccompiler::BackendError| error(&e))
+}
+
 /// Installs the filter on every thread of the process.
 pub fn install(needs: Needs) -> Result<(), SeccompError> {
     // SAFETY: getpid has no preconditions.

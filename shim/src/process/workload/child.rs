@@ -1,20 +1,25 @@
-//! The workload process's side: wait at the gate, load the module, lock down, run.
+//! The workload process's side: wait at the gate, load the artifact and report, wait
+//! again, lock down, run.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use bulwark_runtime::cache::ModuleCache;
-use bulwark_runtime::run::{Preopen, Report, Workload};
+use bulwark_runtime::cache::Artifact;
+use bulwark_runtime::run::{Preopen, Report, RunError, Workload};
+use bulwark_runtime::serve::Listeners;
 use bulwark_runtime::{Runtime, RuntimeOptions};
 
 use crate::process::lockdown::seccomp::Needs;
 use crate::process::lockdown::{Confinement, lock_down};
 
-use super::{FIRST_PREOPEN_FD, LOCKDOWN_PROBE_ENV, MODULE_FD, Plan, WORKLOAD_GATE_FD};
+use super::{
+    ARTIFACT_FD, FIRST_PREOPEN_FD, LOCKDOWN_PROBE_ENV, LoadReport, Plan, REPORT_FD,
+    WORKLOAD_GATE_FD,
+};
 
 /// Runs a workload process to its end; returns its exit code.
 pub fn main(plan_path: &Path) -> i32 {
@@ -41,12 +46,26 @@ enum Loaded {
 fn run(plan_path: &Path) -> Result<i32> {
     // SAFETY: getppid has no preconditions. The shim checked it was our parent before exec.
     let shim = unsafe { libc::getppid() };
-    wait_at_gate()?;
+    let mut gate = Gate::inherited();
+    gate.wait("load")?;
     let plan = Plan::read(plan_path)?;
-    let loaded = load(&plan)?;
-    // The cache's key did not outlive loading (the runtime is dropped): the guest may not
-    // forge entries. Nor may anything of it be left on the stack.
-    crate::process::lockdown::scrub_stack();
+    let loaded = load(&plan);
+    // SAFETY: the shim set this descriptor up for this process alone.
+    let mut report = unsafe { File::from_raw_fd(REPORT_FD) };
+    let (loaded, said) = match loaded {
+        Ok(loaded) => (Some(loaded), LoadReport::Loaded),
+        Err(LoadError::Refused(message)) => (None, LoadReport::Refused(message)),
+        Err(LoadError::Failed(message)) => (None, LoadReport::Failed(message)),
+    };
+    let json = serde_json::to_vec(&said).context("cannot write the load report")?;
+    report
+        .write_all(&json)
+        .context("cannot write the load report")?;
+    drop(report);
+    let Some(loaded) = loaded else {
+        return Ok(1);
+    };
+    gate.wait("start")?;
 
     let preopens = inherited_descriptors(&plan)?;
     let termination_log = match plan.termination_log {
@@ -69,7 +88,7 @@ fn run(plan_path: &Path) -> Result<i32> {
         parent: shim,
         seccomp: Needs {
             network: !plan.policy.network.is_empty(),
-            serving: plan.serve,
+            serving: plan.facts.serves_http,
         },
     })?;
     if let Some(paths) = std::env::var_os(LOCKDOWN_PROBE_ENV) {
@@ -103,43 +122,56 @@ fn run(plan_path: &Path) -> Result<i32> {
     }
 }
 
-/// Loads the module through the node cache (then dropped, key and all) and, for a
-/// service, binds its addresses in the pod's network namespace: before the lock-down, so a
-/// port below 1024 can be had, but not yet listening (that waits for a first instance).
-fn load(plan: &Plan) -> Result<Loaded> {
-    let wasm = read_module(&plan.entrypoint)?;
-    let cache = match ModuleCache::open(&plan.cache_dir) {
-        Ok(cache) => Some(cache),
-        Err(error) => {
-            log::warn!("{error}; compiling without the cache");
-            None
+/// Why the workload did not load.
+enum LoadError {
+    /// The pod's doing (see [`LoadReport::Refused`]).
+    Refused(String),
+    /// Not the pod's.
+    Failed(String),
+}
+
+impl From<RunError> for LoadError {
+    fn from(error: RunError) -> Self {
+        match error {
+            RunError::Link(_) | RunError::Policy(_) | RunError::Listen { .. } => {
+                LoadError::Refused(error.to_string())
+            }
+            other => LoadError::Failed(other.to_string()),
         }
+    }
+}
+
+/// Loads the compiled artifact and, for a service, binds its addresses in the pod's
+/// network namespace: before the lock-down, so a port below 1024 can be had, but not yet
+/// listening (that waits for a first instance).
+fn load(plan: &Plan) -> Result<Loaded, LoadError> {
+    // SAFETY: the shim placed the artifact on this descriptor for us alone.
+    let artifact = Artifact {
+        file: unsafe { File::from_raw_fd(ARTIFACT_FD) },
+        facts: plan.facts.clone(),
     };
-    let runtime = Runtime::new(RuntimeOptions {
-        cache,
-        parallel_compilation: false,
-        ..RuntimeOptions::default()
-    });
-    let entrypoint = || plan.entrypoint.clone();
-    if !plan.serve {
-        let program = runtime.load(&plan.policy, &wasm).with_context(entrypoint)?;
+    let runtime = Runtime::new(RuntimeOptions::default());
+    let named = |error: RunError| LoadError::from(error).named(&plan.entrypoint);
+    if !plan.facts.serves_http {
+        let program = runtime
+            .load_artifact(&plan.policy, &artifact)
+            .map_err(named)?;
         return Ok(Loaded::Program(program));
     }
     let service = runtime
-        .load_service(&plan.policy, &wasm)
-        .with_context(entrypoint)?;
-    let listeners = bulwark_runtime::serve::Listeners::bind(service.serving())?;
+        .load_service(&plan.policy, &artifact)
+        .map_err(named)?;
+    let listeners = Listeners::bind(service.serving()).map_err(named)?;
     Ok(Loaded::Service(service, listeners))
 }
 
-fn read_module(entrypoint: &str) -> Result<Vec<u8>> {
-    // SAFETY: the shim placed the module on this descriptor for us alone.
-    let mut module = unsafe { File::from_raw_fd(MODULE_FD) };
-    let mut wasm = Vec::new();
-    module
-        .read_to_end(&mut wasm)
-        .with_context(|| format!("cannot read the module {entrypoint}"))?;
-    Ok(wasm)
+impl LoadError {
+    fn named(self, entrypoint: &str) -> LoadError {
+        match self {
+            LoadError::Refused(message) => LoadError::Refused(format!("{entrypoint}: {message}")),
+            LoadError::Failed(message) => LoadError::Failed(format!("{entrypoint}: {message}")),
+        }
+    }
 }
 
 /// The preopened directories the shim passed, in the plan's order.
@@ -160,15 +192,23 @@ fn inherited(fd: RawFd, what: &str) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Blocks until the shim releases this process (see [`WORKLOAD_GATE_FD`]).
-fn wait_at_gate() -> Result<()> {
-    // SAFETY: the shim set up this descriptor for us alone; nothing else in the process
-    // uses it, and the File closes it.
-    let mut gate = unsafe { File::from_raw_fd(WORKLOAD_GATE_FD) };
-    let mut byte = [0u8; 1];
-    match gate.read(&mut byte) {
-        Ok(1) => Ok(()),
-        Ok(_) => anyhow::bail!("the shim did not place this workload in its cgroup; not running"),
-        Err(error) => Err(error).context("cannot read the workload gate"),
+/// The gate the shim opens at Create (load) and at Start (run) (see [`WORKLOAD_GATE_FD`]).
+struct Gate(File);
+
+impl Gate {
+    fn inherited() -> Gate {
+        // SAFETY: the shim set up this descriptor for us alone; nothing else in the
+        // process uses it, and the File closes it.
+        Gate(unsafe { File::from_raw_fd(WORKLOAD_GATE_FD) })
+    }
+
+    /// Blocks until the shim lets the process go on to `step`.
+    fn wait(&mut self, step: &str) -> Result<()> {
+        let mut byte = [0u8; 1];
+        match self.0.read(&mut byte) {
+            Ok(1) => Ok(()),
+            Ok(_) => anyhow::bail!("the shim did not let this workload {step}; not running"),
+            Err(error) => Err(error).context("cannot read the workload gate"),
+        }
     }
 }

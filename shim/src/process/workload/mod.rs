@@ -3,20 +3,27 @@
 //! sides: the plan and the descriptors the process inherits; [`parent`] is how the shim
 //! starts it, [`child`] what it runs.
 //!
-//! The shim starts it ([`parent::Launch`]) in the pod's network, IPC and UTS namespaces, with the
-//! container's module and preopened directories as descriptors it opened once, beneath the
-//! container's root (see [`crate::bundle::spec::Location`]): the workload never looks a container
-//! path up itself. It waits at its gate until the shim has placed it in the container's
-//! cgroup (or systemd scope) and set its OOM score and rlimits, loads the module through the
-//! node cache, locks itself down ([`crate::process::lockdown`]) and only then runs the guest. Its exit
-//! code is the container's: the guest's own, or the contract's code for a limit.
+//! The shim starts it ([`parent::Launch`]) at Create, in the pod's network, IPC and UTS
+//! namespaces, with the container's compiled artifact (never the module's bytes: the
+//! compile step turned those into it, see [`crate::process::compile`]) and preopened
+//! directories as descriptors it opened once, beneath the container's root (see
+//! [`crate::bundle::spec::Location`]): the workload never looks a container path up
+//! itself.
+//!
+//! Its gate opens twice. Once it is in the container's cgroup (or systemd scope) with its
+//! OOM score and rlimits: it loads the artifact, and, for a service, binds its sockets and
+//! works out its serving figures from the memory it then holds, and reports on
+//! [`REPORT_FD`] (so Create fails with the reason when the figures do not fit). Then at
+//! Start: it locks itself down ([`crate::process::lockdown`]) and only then runs the guest.
+//! Its exit code is the container's: the guest's own, or the contract's code for a limit.
 
 use std::os::fd::RawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use bulwark_runtime::engine::Facts;
 use bulwark_runtime::policy::{Access, Policy};
 
 use crate::bundle::spec::User;
@@ -31,13 +38,28 @@ pub use child::main;
 pub const WORKLOAD_ARG: &str = "workload";
 
 /// The descriptor the workload process inherits the read end of its gate on: the shim
-/// writes one byte once the process is in its cgroup; end of file means it never will be.
+/// writes one byte once the process is in its cgroup (load), and one at Start (run); end of
+/// file means it never will be.
 pub const WORKLOAD_GATE_FD: RawFd = 3;
-/// The descriptor the module (the wasm file, opened by the shim) arrives on.
-pub const MODULE_FD: RawFd = 4;
+/// The descriptor the workload writes its [`LoadReport`] to.
+pub const REPORT_FD: RawFd = 4;
+/// The descriptor the compiled artifact (opened read-only by the shim) arrives on.
+pub const ARTIFACT_FD: RawFd = 5;
 /// The descriptor of the first preopened directory; the others follow in the plan's order,
 /// and the termination-message file, if the plan has one, comes after them.
-pub const FIRST_PREOPEN_FD: RawFd = 5;
+pub const FIRST_PREOPEN_FD: RawFd = 6;
+
+/// How loading went, written to [`REPORT_FD`] as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LoadReport {
+    /// Loaded and ready to run at Start.
+    Loaded,
+    /// What the pod asks for cannot be given: the module does not link, a service's
+    /// figures do not fit, its address cannot be had.
+    Refused(String),
+    /// Loading failed for a reason that is not the pod's.
+    Failed(String),
+}
 
 /// What the workload process tries right after locking itself down, colon-separated,
 /// reporting each on stderr: paths to open for reading from the host side, `>PATH` to
@@ -61,8 +83,8 @@ pub struct PlannedPreopen {
 /// Everything a workload process needs, resolved by the shim at Create.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
-    /// The entrypoint as the container names it, for messages (the module itself arrives on
-    /// [`MODULE_FD`]).
+    /// The entrypoint as the container names it, for messages (its compiled artifact
+    /// arrives on [`ARTIFACT_FD`]).
     pub entrypoint: String,
     /// argv for the guest.
     pub args: Vec<String>,
@@ -72,16 +94,14 @@ pub struct Plan {
     pub preopens: Vec<PlannedPreopen>,
     /// The effective policy.
     pub policy: Policy,
-    /// The node's module cache.
-    pub cache_dir: PathBuf,
+    /// What compiling learnt of the module: what it is, whether it is served, what an
+    /// instance holds.
+    pub facts: Facts,
     /// Whether kubelet mounted a termination-message file (it arrives, opened for writing,
     /// after the preopened directories).
     pub termination_log: bool,
     /// The container's user.
     pub user: User,
-    /// Whether the module is a wasi:http component, served rather than run.
-    #[serde(default)]
-    pub serve: bool,
 }
 
 impl Plan {

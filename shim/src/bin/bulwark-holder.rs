@@ -1,0 +1,8 @@
+//! The pod sandbox's holder: a tiny process in the pod's namespaces, as `pause` is for a
+//! runc pod (see `bulwark_shim::process::holder`).
+
+fn main() {
+    std::process::exit(bulwark_shim::process::holder::main(
+        std::env::args_os().skip(1),
+    ));
+}
