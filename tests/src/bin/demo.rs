@@ -1,13 +1,17 @@
-//! `make demo`: a private containerd (Debian's 1.6.20) with the `bulwark` runtime, driven
-//! through CRI the way kubelet drives it. Runs example pods with annotations, prints their
-//! logs, and shows each limit firing with its reason. Needs root; leaves nothing behind.
+//! `make demo`: a private containerd (Debian's 1.6.20) with the `bulwark` runtime and a
+//! pod network, driven through CRI the way kubelet drives it. Runs example pods with
+//! annotations, prints their logs, shows each limit firing with its reason, and serves a
+//! wasi:http component on its pod IP. Needs root; leaves nothing behind.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use bulwark_tests::harness::containerd::SYSTEM_CONTAINERD;
-use bulwark_tests::harness::cri::ContainerSpec;
-use bulwark_tests::harness::node::{Format, NODE_CONFIG, Node, annotated};
+use bulwark_tests::harness::cri::{ContainerSpec, SecurityContext};
+use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node, NodeOptions, annotated};
+use bulwark_tests::http::{get, wait_listening};
 
 fn heading(text: &str) {
     println!("\n\x1b[1m{text}\x1b[0m");
@@ -40,7 +44,10 @@ async fn main() -> Result<()> {
     println!(
         "Starting a private containerd 1.6 with the bulwark runtime handler and a local registry..."
     );
-    let node = Node::start(PathBuf::from(SYSTEM_CONTAINERD), NODE_CONFIG).await?;
+    let node = Node::start_with(
+        NodeOptions::new(PathBuf::from(SYSTEM_CONTAINERD), NODE_CONFIG).pod_network(),
+    )
+    .await?;
     println!("Node configuration (/etc/bulwark/config.toml on a real node):{NODE_CONFIG}");
     let hello = node.push_guest("hello", Format::Layer)?;
     let echo = node.push_guest("echo", Format::Layer)?;
@@ -125,7 +132,61 @@ async fn main() -> Result<()> {
         .map_or(error.as_str(), |rest| rest.trim_end_matches('"'));
     println!("  StartContainer refused (what kubectl describe pod shows):\n  {shown}");
 
+    serve(&node).await?;
+
     node.finish().await?;
     println!("\nDone: every pod removed, containerd stopped, nothing left behind.");
+    Ok(())
+}
+
+/// A wasi:http component as a service: a pod on the pod network, as uid 65532 under Pod
+/// Security "restricted", answering on its pod IP; a request that a limit ends gets its
+/// status and reason, and the server answers the next one.
+async fn serve(node: &Node) -> Result<()> {
+    heading(
+        "Serving pod: the httpd component, bulwark.dev/timeout: 1s, bulwark.dev/memory: 16Mi, on its own pod IP",
+    );
+    let image = node.push_component("httpd", Format::Layer)?;
+    node.cri.pull(&image).await?;
+    let pod = annotated(
+        "web",
+        &[
+            ("bulwark.dev/timeout", "1s"),
+            ("bulwark.dev/memory", "16Mi"),
+        ],
+    )
+    .pod_network()
+    .runtime_handler(HANDLER);
+    let pod_id = node.cri.run_pod(&pod).await?;
+    let container = ContainerSpec::new("web", image)
+        .security(SecurityContext::restricted(Some(65532)))
+        .memory_limit(128 << 20);
+    let id = node.cri.create_container(&pod_id, &pod, &container).await?;
+    node.cri.start_container(&id).await?;
+    let address = SocketAddr::new(node.cri.pod_ip(&pod_id).await?, 8080);
+    tokio::task::spawn_blocking(move || wait_listening(address, Duration::from_secs(30))).await??;
+    for path in ["/", "/loop", "/grow", "/"] {
+        let response =
+            tokio::task::spawn_blocking(move || get(address, path, Duration::from_secs(30)))
+                .await??;
+        let limit = response
+            .header("bulwark-limit")
+            .map_or(String::new(), |kind| format!(", bulwark-limit: {kind}"));
+        println!(
+            "  GET http://{address}{path} -> {}{limit}: {}",
+            response.status,
+            response.body.trim_end()
+        );
+    }
+    let log = node.cri.read_container_log(&id).await?;
+    for line in log {
+        println!("  log    | {}", line.text);
+    }
+    node.cri
+        .stop_container(&id, Duration::from_secs(10))
+        .await?;
+    node.cri.remove_container(&id).await?;
+    node.cri.stop_pod(&pod_id).await?;
+    node.cri.remove_pod(&pod_id).await?;
     Ok(())
 }
