@@ -458,7 +458,153 @@ async fn first_response(node: &Node) -> Result<()> {
         POLL.as_millis()
     );
     println!();
+    node.wait_no_shims().await?;
+    python_first_answer(node).await
+}
+
+/// Rounds of the Python component's first answer, cold and warm each.
+const PYTHON_ROUNDS: usize = 3;
+
+/// The CPython component's first answer: a pod through CRI (512Mi, nothing asked) from a
+/// node whose cache does not hold it and from one that does, next to `bulwark serve` and
+/// `wasmtime serve` (where `make bench` built it) started cold and warm on the same
+/// machine, interleaved.
+async fn python_first_answer(node: &Node) -> Result<()> {
+    let image = node.push_component("pyhttp", Format::Layer)?;
+    node.cri.pull(&image).await?;
+    let component = bulwark_tests::build_dir().join("components/pyhttp.wasm");
+    let peer = bulwark_tests::build_dir().join("wasmtime/bin/wasmtime");
+    let bulwark = bulwark_tests::harness::node::bulwark_binary()?;
+    let mut rows: Vec<(String, Vec<Duration>)> = Vec::new();
+    let mut record =
+        |label: &str, took: Duration| match rows.iter_mut().find(|(name, _)| name == label) {
+            Some((_, samples)) => samples.push(took),
+            None => rows.push((label.to_owned(), vec![took])),
+        };
+    for round in 0..PYTHON_ROUNDS {
+        for cold in [true, false] {
+            let temperature = if cold { "cold" } else { "warm" };
+            // Through CRI.
+            if cold {
+                node.empty_cache()?;
+            }
+            let address = std::net::SocketAddr::from(([127, 0, 0, 1], 18_200 + round as u16));
+            let pod = PodSpec::new(format!("bench-python-{temperature}-{round}"))
+                .runtime_handler(BULWARK)
+                .annotation("bulwark.dev/listen", address.to_string());
+            let container = ContainerSpec::new("app", image.clone()).memory_limit(512 << 20);
+            let began = Instant::now();
+            let pod_id = node.cri.run_pod(&pod).await?;
+            let id = node.cri.create_container(&pod_id, &pod, &container).await?;
+            start_container(&node.cri, &id).await?;
+            let took = first_200(address, began).await?;
+            record(&format!("pod through CRI, cache {temperature}"), took);
+            node.cri
+                .stop_container(&id, Duration::from_secs(10))
+                .await?;
+            node.cri.remove_container(&id).await?;
+            node.cri.stop_pod(&pod_id).await?;
+            node.cri.remove_pod(&pod_id).await?;
+            // The same on the command line, Bulwark's and the peer's.
+            let cache = tempfile::tempdir()?;
+            let mut servers = vec![(
+                "bulwark serve",
+                bulwark.clone(),
+                vec![
+                    "serve".to_owned(),
+                    "--cache-dir".to_owned(),
+                    cache.path().join("cache").display().to_string(),
+                ],
+            )];
+            if peer.exists() {
+                servers.push((
+                    "wasmtime serve",
+                    peer.clone(),
+                    vec!["serve".into(), "-Scli".into()],
+                ));
+            }
+            for (name, program, args) in servers {
+                // Cold: a cache of its own, empty; warm: the same cache, once filled.
+                let runs = if cold { 1 } else { 2 };
+                for run in 0..runs {
+                    let address = std::net::SocketAddr::from((
+                        [127, 0, 0, 1],
+                        18_300 + (round * 4 + run) as u16,
+                    ));
+                    let listen = match name {
+                        "wasmtime serve" => vec!["--addr".to_owned(), address.to_string()],
+                        _ => vec!["--listen".to_owned(), address.to_string()],
+                    };
+                    let began = Instant::now();
+                    let mut child = Command::new(&program)
+                        .args(&args)
+                        .args(&listen)
+                        .arg(&component)
+                        .env("XDG_CACHE_HOME", cache.path())
+                        .env("XDG_CONFIG_HOME", cache.path())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()?;
+                    let took = first_200(address, began).await;
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    if run == runs - 1 {
+                        record(&format!("{name}, cache {temperature}"), took?);
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "### The CPython component's first answer (pyhttp.wasm, {} MiB): from start to the first 200",
+        std::fs::metadata(&component)?.len() >> 20
+    );
+    println!("| server | n | median (ms) | min (ms) | max (ms) |");
+    println!("|---|---|---|---|---|");
+    for (label, samples) in &rows {
+        let sorted = {
+            let mut sorted = samples.clone();
+            sorted.sort();
+            sorted
+        };
+        println!(
+            "| {label} | {} | {:.0} | {:.0} | {:.0} |",
+            samples.len(),
+            ms(median(samples)),
+            ms(sorted[0]),
+            ms(sorted[sorted.len() - 1]),
+        );
+    }
+    println!(
+        "(pods: RunPodSandbox to the first 200, 512Mi, no bulwark.dev annotation, host network; servers: process start to the first 200; cold = no compiled artifact anywhere, warm = the server's own cache holds it; {PYTHON_ROUNDS} interleaved rounds{})",
+        if peer.exists() {
+            ""
+        } else {
+            "; wasmtime serve not built (make bench builds it)"
+        }
+    );
+    println!();
     node.wait_no_shims().await
+}
+
+/// How long after `began` the first `200` came from `address`.
+async fn first_200(address: std::net::SocketAddr, began: Instant) -> Result<Duration> {
+    loop {
+        let response = tokio::task::spawn_blocking(move || {
+            bulwark_tests::http::get(address, "/", Duration::from_secs(5))
+        })
+        .await?;
+        if let Ok(response) = response
+            && response.status == 200
+        {
+            return Ok(began.elapsed());
+        }
+        ensure!(
+            began.elapsed() < CONTAINER_TIMEOUT,
+            "no answer from {address} within {CONTAINER_TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// The processes of one role (shim, workload process, pause, ...) in a measurement.
