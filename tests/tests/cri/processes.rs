@@ -1,7 +1,8 @@
 //! What each process of a Wasm pod may do, seen from outside while the pod starts: no
 //! process that handles the module's bytes (the compile step, the workload) or holds the
 //! pod (the holder) keeps a capability or runs without seccomp, even while a module that
-//! takes seconds to compile is compiled.
+//! takes seconds to compile is compiled; and every workload process has addresses of its
+//! own.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use bulwark_tests::harness::cri::{ContainerSpec, PodSpec, SecurityContext};
 use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node, NodeOptions};
 use bulwark_tests::harness::process::{arguments, descendants};
 
-use crate::faults::remove_pod;
+use crate::faults::{remove_pod, sleeping_pod};
 use crate::{ONE_CONTAINERD, suite_containerd};
 
 /// One look at a process of the pod.
@@ -151,5 +152,45 @@ async fn no_process_handling_a_module_holds_a_capability_or_runs_without_seccomp
         "the running workload: {workload:?}"
     );
     remove_pod(&node, &pod_id).await?;
+    node.finish().await
+}
+/// The base address of the first mapping of `pid`'s own binary.
+fn binary_base(pid: u32) -> Result<u64> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let line = maps
+        .lines()
+        .find(|line| line.ends_with(&*exe.to_string_lossy()))
+        .with_context(|| format!("{} is not mapped in {pid}", exe.display()))?;
+    let start = line.split('-').next().context("a maps line")?;
+    Ok(u64::from_str_radix(start, 16)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_workload_process_has_addresses_of_its_own() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = Node::start(suite_containerd().await?, NODE_CONFIG).await?;
+    let (_, first_pod, _) = sleeping_pod(&node, "first", 60_000).await?;
+    let (_, second_pod, _) = sleeping_pod(&node, "second", 60_000).await?;
+    let workloads: Vec<u32> = node
+        .containerd
+        .shim_pids()
+        .into_iter()
+        .flat_map(descendants)
+        .filter(|pid| arguments(*pid).first().map(String::as_str) == Some("bulwark-workload"))
+        .collect();
+    ensure!(workloads.len() == 2, "two workloads, not {workloads:?}");
+    let bases = workloads
+        .iter()
+        .map(|pid| binary_base(*pid))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        bases[0] != bases[1],
+        "both workloads have their code at {:#x}",
+        bases[0]
+    );
+    for pod in [first_pod, second_pod] {
+        remove_pod(&node, &pod).await?;
+    }
     node.finish().await
 }
