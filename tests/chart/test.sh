@@ -49,7 +49,8 @@ check "no limits at all render valid objects" valid \
 check "the rendered node configuration is one Bulwark accepts" node_config_accepted
 check "custom node configuration is one Bulwark accepts" node_config_accepted \
     --set defaults.fuel=5000000 --set defaults.timeout=10m --set capabilities.allowNative=true \
-    --set defaults.concurrency=10 --set ceilings.concurrency=50
+    --set defaults.concurrency=10 --set ceilings.concurrency=50 \
+    --set compile.memory=4Gi --set compile.concurrency=1 --set compile.moduleSize=64Mi
 installer_args() { # wanted-grep-status, values...
     local wanted=$1; shift
     render "$@" --show-only templates/daemonset.yaml > "$work/ds.yaml"
@@ -111,6 +112,8 @@ refuses "a malformed memory quantity is rejected" "defaults.memory" render --set
 refuses "a malformed duration is rejected" "ceilings.timeout" render --set ceilings.timeout=forever
 refuses "a negative fuel is rejected" "defaults.fuel" render --set defaults.fuel=-3
 refuses "a zero concurrency is rejected" "ceilings.concurrency" render --set ceilings.concurrency=0
+refuses "a malformed compile memory is rejected" "compile.memory" render --set compile.memory=plenty
+refuses "a zero compile concurrency is rejected" "compile.concurrency" render --set compile.concurrency=0
 refuses "an unknown value is rejected" "typo" render --set typo=1
 refuses "a relative containerd path is rejected" "containerd.configPath" render --set containerd.configPath=etc/config.toml
 for manifest in k8s/*.yaml; do
