@@ -149,13 +149,18 @@ pub fn memory_file(name: &str) -> std::io::Result<File> {
 pub fn compile_in_memory<E: From<CacheError>>(
     compile: impl FnOnce(&File) -> Result<Facts, E>,
 ) -> Result<Artifact, E> {
-    let memory = memory_file("bulwark-artifact").map_err(|source| CacheError::Io {
+    let memory = artifact_memory()?;
+    let facts = compile(&memory)?;
+    Ok(in_memory(memory, facts)?)
+}
+
+/// A new memory file for a compile step to write an artifact to.
+fn artifact_memory() -> Result<File, CacheError> {
+    memory_file("bulwark-artifact").map_err(|source| CacheError::Io {
         path: PathBuf::from("memfd:bulwark-artifact"),
         action: "create an artifact in memory",
         source,
-    })?;
-    let facts = compile(&memory)?;
-    Ok(in_memory(memory, facts)?)
+    })
 }
 
 /// A directory of verified precompiled artifacts for one node.
@@ -359,11 +364,7 @@ impl ModuleCache {
         {
             return Ok((artifact, CacheEvent::CompiledByPeer));
         }
-        let memory = memory_file("bulwark-artifact").map_err(|source| CacheError::Io {
-            path: PathBuf::from("memfd:bulwark-artifact"),
-            action: "create an artifact in memory",
-            source,
-        })?;
+        let memory = artifact_memory()?;
         let facts = compile(&memory)?;
         if let Some(error) = lock_error {
             return Ok((in_memory(memory, facts)?, not_stored(error)));

@@ -441,12 +441,7 @@ async fn first_response(node: &Node) -> Result<()> {
         if round > 0 {
             samples.push(answered);
         }
-        node.cri
-            .stop_container(&id, Duration::from_secs(10))
-            .await?;
-        node.cri.remove_container(&id).await?;
-        node.cri.stop_pod(&pod_id).await?;
-        node.cri.remove_pod(&pod_id).await?;
+        node.cri.tear_down(&pod_id, &[&id]).await?;
     }
     println!(
         "## 2. A serving pod's first answer through CRI: RunPodSandbox -> CreateContainer -> StartContainer -> first 200 from httpd.wasm"
@@ -499,12 +494,7 @@ async fn python_first_answer(node: &Node) -> Result<()> {
             start_container(&node.cri, &id).await?;
             let took = first_200(address, began).await?;
             record(&format!("pod through CRI, cache {temperature}"), took);
-            node.cri
-                .stop_container(&id, Duration::from_secs(10))
-                .await?;
-            node.cri.remove_container(&id).await?;
-            node.cri.stop_pod(&pod_id).await?;
-            node.cri.remove_pod(&pod_id).await?;
+            node.cri.tear_down(&pod_id, &[&id]).await?;
             // The same on the command line, Bulwark's and the peer's.
             let cache = tempfile::tempdir()?;
             let mut servers = vec![(

@@ -540,7 +540,6 @@ pub fn is_systemd_form(cgroups_path: &str) -> bool {
     systemd_form(cgroups_path).is_some()
 }
 
-/// The parts of a cgroupsPath in the systemd driver's form `slice:prefix:name`.
 /// Where the compile step for container `id` runs, given the container's cgroupsPath: in
 /// a cgroup of its own beside the container's pod (in the pod's parent, kubelet's QoS
 /// class), in the same driver's form. The node's pods account for it, an admin sees it
@@ -568,6 +567,7 @@ pub fn compile_step_path(container: &str, id: &str) -> String {
     }
 }
 
+/// The parts of a cgroupsPath in the systemd driver's form `slice:prefix:name`.
 fn systemd_form(cgroups_path: &str) -> Option<(&str, &str, &str)> {
     let mut parts = cgroups_path.split(':');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {

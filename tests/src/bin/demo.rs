@@ -182,11 +182,6 @@ async fn serve(node: &Node) -> Result<()> {
     for line in log {
         println!("  log    | {}", line.text);
     }
-    node.cri
-        .stop_container(&id, Duration::from_secs(10))
-        .await?;
-    node.cri.remove_container(&id).await?;
-    node.cri.stop_pod(&pod_id).await?;
-    node.cri.remove_pod(&pod_id).await?;
+    node.cri.tear_down(&pod_id, &[&id]).await?;
     Ok(())
 }

@@ -896,6 +896,17 @@ impl Cri {
         Ok(())
     }
 
+    /// Takes a pod down as kubelet does when it is deleted: each of `containers` stopped
+    /// (10 s of grace) and removed, then the pod sandbox stopped and removed.
+    pub async fn tear_down(&self, pod_id: &str, containers: &[&str]) -> Result<()> {
+        for id in containers {
+            self.stop_container(id, Duration::from_secs(10)).await?;
+            self.remove_container(id).await?;
+        }
+        self.stop_pod(pod_id).await?;
+        self.remove_pod(pod_id).await
+    }
+
     /// `PodSandboxStatus`.
     pub async fn pod_status(&self, pod_id: &str) -> Result<cri::PodSandboxStatus> {
         let request = cri::PodSandboxStatusRequest {

@@ -100,12 +100,8 @@ impl ServingPod {
     }
 
     async fn remove(self, node: &Node) -> Result<()> {
-        for id in &self.containers {
-            node.cri.stop_container(id, Duration::from_secs(5)).await?;
-            node.cri.remove_container(id).await?;
-        }
-        node.cri.stop_pod(&self.id).await?;
-        node.cri.remove_pod(&self.id).await
+        let containers: Vec<&str> = self.containers.iter().map(String::as_str).collect();
+        node.cri.tear_down(&self.id, &containers).await
     }
 }
 

@@ -137,7 +137,7 @@ impl CompileSteps {
     ) -> Result<(Artifact, Option<CacheEvent>), CompileStepError> {
         let compile = |output: &File| {
             let slots = cache.map(|cache| cache.dir().join("slots"));
-            let _slot = self.slot(slots.as_deref(), progress)?;
+            let _slot = self.slot(slots.as_deref(), progress);
             self.run(module, request, placement, output, progress)
         };
         match cache {
@@ -154,36 +154,35 @@ impl CompileSteps {
     }
 
     /// A compilation slot of the node's `concurrency`, held until dropped; none to take
-    /// without a cache directory to count them in.
-    fn slot(
-        &self,
-        slots: Option<&Path>,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<Option<File>, CompileStepError> {
-        let Some(dir) = slots else {
-            return Ok(None);
+    /// without a cache directory to count them in. Slots that cannot be had at all (the
+    /// cache's filesystem full or read-only) do not stop a compilation: each one is still
+    /// bounded by `compile.memory`.
+    fn slot(&self, slots: Option<&Path>, progress: &mut dyn FnMut(&str)) -> Option<File> {
+        let dir = slots?;
+        let open = |index: u32| {
+            std::fs::create_dir_all(dir)?;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{index}.lock")))
         };
-        let io = |action: &'static str| {
-            move |source| CacheError::Io {
-                path: dir.to_owned(),
-                action,
-                source,
-            }
-        };
-        std::fs::create_dir_all(dir).map_err(io("create the compilation slots"))?;
         let mut said = false;
         loop {
             for index in 0..self.concurrency.max(1) {
-                let path = dir.join(format!("{index}.lock"));
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&path)
-                    .map_err(io("open a compilation slot"))?;
+                let file = match open(index) {
+                    Ok(file) => file,
+                    Err(error) => {
+                        log::warn!(
+                            "compilation slots {}: {error}: compiling without one",
+                            dir.display()
+                        );
+                        return None;
+                    }
+                };
                 // SAFETY: flock on a descriptor we own; released when it is closed.
                 if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                    return Ok(Some(file));
+                    return Some(file);
                 }
             }
             if !said {
