@@ -7,6 +7,7 @@ use std::path::Path;
 use bulwark_shim::process::{compile, workload};
 
 fn main() {
+    bulwark_shim::process::set_name(c"bulwark-workload");
     let mut args = std::env::args_os().skip(1);
     let role = args.next();
     let argument = args.next();

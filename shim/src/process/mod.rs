@@ -208,6 +208,14 @@ pub fn place_descriptors(fds: &[OwnedFd], first: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Names this process `name` in `/proc/PID/comm` (what `ps` and `top` show): the shim
+/// starts its binaries through `/proc/self/fd/N`, whose last component would be the name
+/// otherwise.
+pub fn set_name(name: &std::ffi::CStr) {
+    // SAFETY: PR_SET_NAME with a NUL-terminated string that outlives the call.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+}
+
 /// Reads `reader` (a pipe from a child) to its end, failing if that takes longer than
 /// `timeout`: a child that hangs must not hang the shim's request with it.
 pub fn read_to_end_within(reader: File, timeout: std::time::Duration) -> Result<Vec<u8>, String> {
