@@ -354,12 +354,12 @@ impl ModuleCache {
             .and_then(|()| EntryLock::acquire(&lock_path));
         // A cache that cannot even take a lock (its filesystem full or read-only) must not
         // stop a workload: it still compiles, and runs from memory.
-        let (_lock, lock_error) = match lock {
+        let (held, lock_error) = match lock {
             Ok(lock) => (Some(lock), None),
             Err(error) => (None, Some(error)),
         };
         // Whoever held the lock before us may have written the entry.
-        if _lock.is_some()
+        if held.is_some()
             && let Ok(artifact) = self.lookup(digest, &fingerprint)?
         {
             return Ok((artifact, CacheEvent::CompiledByPeer));

@@ -81,6 +81,28 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A tmpfs a test mounted, unmounted when dropped, even when the test fails.
+#[derive(Debug)]
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs with `options` (`size=64m`, ...) on the directory `at`.
+    pub fn mount(at: &Path, options: &str) -> Result<Tmpfs> {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .status()?;
+        anyhow::ensure!(status.success(), "mount tmpfs on {}", at.display());
+        Ok(Tmpfs(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::unescape;

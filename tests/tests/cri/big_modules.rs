@@ -11,6 +11,7 @@ use anyhow::{Context, Result, ensure};
 use bulwark_tests::harness::cgroups::PodCgroups;
 use bulwark_tests::harness::containerd;
 use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
+use bulwark_tests::harness::mounts::Tmpfs;
 use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node};
 
 use crate::{ONE_CONTAINERD, suite_containerd};
@@ -25,15 +26,6 @@ const MAX_FUNCTIONS: u32 = 1_000_000;
 const COMPILE_MEMORY: &str = "512Mi";
 /// The container limit of the OOM test: less than the volume its guest fills.
 const OOM_LIMIT: i64 = 16 << 20;
-
-/// Unmounts a test's tmpfs, even when the test fails.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
 
 fn leb128(mut value: u64, out: &mut Vec<u8>) {
     loop {
@@ -205,12 +197,7 @@ async fn a_workload_that_outgrows_its_container_ends_oomkilled_as_in_runc() -> R
     // container over the same limit.
     let volume_dir = tempfile::tempdir()?;
     let volume = volume_dir.path().to_owned();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&volume)
-        .status()?;
-    ensure!(mounted.success(), "mount tmpfs on {}", volume.display());
-    let _unmount = Unmount(volume.clone());
+    let _mounted = Tmpfs::mount(&volume, "size=64m")?;
     let fileio = node.push_guest("fileio", Format::Layer)?;
     node.cri.pull(&fileio).await?;
     let pod = PodSpec::new("oom")

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
 use bulwark_tests::harness::cri::{ContainerSpec, ContainerState, PodSpec};
+use bulwark_tests::harness::mounts::Tmpfs;
 use bulwark_tests::harness::node::{Format, HANDLER, NODE_CONFIG, Node};
 use bulwark_tests::harness::process::signal;
 
@@ -41,15 +42,6 @@ async fn hellos(node: &Node, name: &str, pods: usize) -> Result<Vec<String>> {
     Ok(stderr)
 }
 
-/// Unmounts what the test mounted, even when it fails.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_module_cache_still_runs_pods_compiled_in_memory() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
@@ -58,12 +50,7 @@ async fn a_full_module_cache_still_runs_pods_compiled_in_memory() -> Result<()> 
     // no compiled module does.
     let cache = node.cache_dir();
     std::fs::create_dir_all(&cache)?;
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
-        .arg(&cache)
-        .status()?;
-    ensure!(status.success(), "mount tmpfs on {}", cache.display());
-    let mounted = Mounted(cache.clone());
+    let mounted = Tmpfs::mount(&cache, "size=256k,mode=0700")?;
     let filler = std::fs::File::create(cache.join("filler"))?;
     let chunk = vec![0u8; 4096];
     let mut writer = std::io::BufWriter::new(filler);
