@@ -192,8 +192,9 @@ fn node_config(u: &mut Unstructured<'_>) -> Result<NodeConfig> {
             allow_native: u.arbitrary()?,
             allow_network: u.arbitrary()?,
             allow_without_landlock: u.arbitrary()?,
+            allow_without_egress_filter: u.arbitrary()?,
         },
-        compile: Default::default(),
+        ..NodeConfig::default()
     })
 }
 

@@ -173,6 +173,19 @@ void handle(int32_t request, int32_t outparam) {
         int32_t stream = respond_head(outparam, 200, &body);
         write_text(stream, "partial\n");
         __builtin_trap();
+    } else if (starts_with(path, len, "/big/")) {
+        /* KiB of body, in the 4 KiB writes blocking-write-and-flush takes: a client that
+         * does not read leaves this handler blocked in the host. */
+        static char chunk[4096];
+        memset(chunk, 'x', sizeof chunk);
+        char digits[24] = {0};
+        memcpy(digits, path + 5, len - 5 < sizeof digits - 1 ? len - 5 : sizeof digits - 1);
+        unsigned long kib = strtoul(digits, NULL, 10);
+        int32_t body;
+        int32_t stream = respond_head(outparam, 200, &body);
+        for (unsigned long i = 0; i < kib / 4; i++) stream_write(stream, chunk, sizeof chunk, ret);
+        stream_drop(stream);
+        body_finish(body, 0, 0, ret);
     } else if (starts_with(path, len, "/fetch/")) {
         int status = fetch(path + 7, len - 7);
         if (status >= 0) {

@@ -8,14 +8,21 @@
 //! timeout = "1h"
 //! memory = "1Gi"
 //! concurrency = 1000   # serving mode: requests in flight in one pod
+//! network = ["10.0.0.0/8:443"] # CIDR:PORT[-PORT]: what network grants may name
 //! [capabilities]
 //! allow_native = false
 //! allow_network = false
 //! allow_without_landlock = false
+//! allow_without_egress_filter = false
 //! [compile]             # compiling a module is the runtime's own work, bounded here
 //! memory = "2Gi"        # the most one compilation may use
 //! concurrency = 2       # compilations at once on the node
 //! module_size = "512Mi" # the largest module (or component) the node takes
+//! [serving]             # what a serving pod's clients may do
+//! head_timeout = "10s"  # to send a request head, new or idle keep-alive connection alike
+//! connections = 500     # open connections per pod (default 4 x concurrency + 64)
+//! max_head_size = "64Ki" # larger request heads get 431
+//! max_body_size = "64Mi" # larger request bodies get 413
 //! ```
 //!
 //! A missing file means no defaults and no ceilings; a malformed one is an error, never
@@ -24,8 +31,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::egress::{NetworkRange, RANGE_SYNTAX};
 use crate::units::{self, format_duration, format_memory};
 
 /// Where the shim and the CLI look for the node configuration unless told otherwise.
@@ -56,6 +64,10 @@ pub struct Capabilities {
     /// or with Landlock left out of the `lsm=` list). Off: such a node refuses them, since
     /// a bug in the engine would then find the whole host filesystem open.
     pub allow_without_landlock: bool,
+    /// Run Wasm containers with network grants where the kernel's egress filter (a cgroup
+    /// BPF program allowing exactly the grants) cannot be attached: no cgroup2 hierarchy,
+    /// no BPF. Off: such a node refuses them; Wasmtime's own check is then the only one.
+    pub allow_without_egress_filter: bool,
 }
 
 /// The bounds of the runtime's own work of compiling modules, on bytes nobody trusts.
@@ -79,6 +91,35 @@ impl Default for CompileLimits {
     }
 }
 
+/// What a serving pod's clients may do: bounds a hostile client cannot stretch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientLimits {
+    /// Time a connection has to send a complete request head, counted from when it is
+    /// ready for one: accepted, or idle on keep-alive after a response. Over it, closed.
+    pub head_timeout: Duration,
+    /// Open connections per pod; `None` is 4 x concurrency + 64. More are closed at once.
+    pub connections: Option<u32>,
+    /// The largest request head (request line and headers) in bytes; larger gets 431.
+    pub max_head_size: u64,
+    /// The largest request body in bytes; larger gets 413 (or, sent chunked, a failed
+    /// body read in the guest).
+    pub max_body_size: u64,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            head_timeout: Duration::from_secs(10),
+            connections: None,
+            max_head_size: 64 << 10,
+            max_body_size: 64 << 20,
+        }
+    }
+}
+
+/// The smallest request-head cap: hyper's read buffer is never smaller.
+pub const MIN_HEAD_SIZE: u64 = 8 << 10;
+
 /// The admin's defaults and ceilings for one node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -86,6 +127,11 @@ pub struct NodeConfig {
     pub defaults: Limits,
     /// The most a workload may ask for.
     pub ceilings: Limits,
+    /// What network grants may name (`ceilings.network`); `None`: anything but loopback,
+    /// link-local and the node's own addresses.
+    pub network_ceiling: Option<Vec<NetworkRange>>,
+    /// What a serving pod's clients may do.
+    pub serving: ClientLimits,
     /// Capabilities beyond plain Wasm compute.
     pub capabilities: Capabilities,
     /// Bounds of compiling modules.
@@ -150,6 +196,17 @@ struct RawConfig {
     capabilities: RawCapabilities,
     #[serde(default)]
     compile: RawCompile,
+    #[serde(default)]
+    serving: RawServing,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServing {
+    head_timeout: Option<String>,
+    connections: Option<u32>,
+    max_head_size: Option<RawQuantity>,
+    max_body_size: Option<RawQuantity>,
 }
 
 #[derive(Deserialize, Default)]
@@ -167,6 +224,7 @@ struct RawLimits {
     timeout: Option<String>,
     memory: Option<RawQuantity>,
     concurrency: Option<u32>,
+    network: Option<Vec<String>>,
 }
 
 /// Kubernetes lets a quantity be a bare number or a string; so does the node config.
@@ -186,6 +244,8 @@ struct RawCapabilities {
     allow_network: bool,
     #[serde(default)]
     allow_without_landlock: bool,
+    #[serde(default)]
+    allow_without_egress_filter: bool,
 }
 
 impl NodeConfig {
@@ -231,13 +291,42 @@ impl NodeConfig {
                     .map(|span| describe_position(text, span.start))
                     .unwrap_or_default(),
         })?;
+        if raw.defaults.network.is_some() {
+            return Err(ConfigError::Value {
+                origin: origin.to_owned(),
+                key: "defaults.network".into(),
+                value: format!("{:?}", raw.defaults.network.unwrap_or_default()),
+                reason: "network grants have no default: a pod asks with bulwark.dev/network; the node bounds them with ceilings.network".into(),
+            });
+        }
+        let network_ceiling = raw
+            .ceilings
+            .network
+            .as_ref()
+            .map(|ranges| {
+                ranges
+                    .iter()
+                    .map(|range| {
+                        NetworkRange::parse(range).map_err(|reason| ConfigError::Value {
+                            origin: origin.to_owned(),
+                            key: "ceilings.network".into(),
+                            value: range.clone(),
+                            reason: format!("{reason}; expected {RANGE_SYNTAX}"),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
         let config = NodeConfig {
+            network_ceiling,
+            serving: raw.serving.resolve(origin)?,
             defaults: raw.defaults.resolve("defaults", origin)?,
             ceilings: raw.ceilings.resolve("ceilings", origin)?,
             capabilities: Capabilities {
                 allow_native: raw.capabilities.allow_native,
                 allow_network: raw.capabilities.allow_network,
                 allow_without_landlock: raw.capabilities.allow_without_landlock,
+                allow_without_egress_filter: raw.capabilities.allow_without_egress_filter,
             },
             compile: raw.compile.resolve(origin)?,
         };
@@ -365,6 +454,57 @@ impl RawCompile {
             memory: quantity("memory", self.memory, defaults.memory)?,
             concurrency: self.concurrency.unwrap_or(defaults.concurrency),
             module_size: quantity("module_size", self.module_size, defaults.module_size)?,
+        })
+    }
+}
+
+impl RawServing {
+    fn resolve(self, origin: &str) -> Result<ClientLimits, ConfigError> {
+        let bad = |key: &str, value: &str, reason: String| ConfigError::Value {
+            origin: origin.to_owned(),
+            key: format!("serving.{key}"),
+            value: value.to_owned(),
+            reason,
+        };
+        let defaults = ClientLimits::default();
+        let head_timeout = match self.head_timeout {
+            Some(text) => {
+                let timeout = units::parse_duration(&text)
+                    .map_err(|error| bad("head_timeout", &text, error.to_string()))?;
+                if timeout.is_zero() {
+                    return Err(bad("head_timeout", &text, "a time above zero".into()));
+                }
+                timeout
+            }
+            None => defaults.head_timeout,
+        };
+        if self.connections == Some(0) {
+            return Err(bad(
+                "connections",
+                "0",
+                "a number of connections above zero".into(),
+            ));
+        }
+        let max_head_size = match self.max_head_size {
+            Some(quantity) => quantity.bytes(|text, reason| bad("max_head_size", text, reason))?,
+            None => defaults.max_head_size,
+        };
+        if max_head_size < MIN_HEAD_SIZE {
+            return Err(bad(
+                "max_head_size",
+                &max_head_size.to_string(),
+                format!("at least {} (8Ki)", MIN_HEAD_SIZE),
+            ));
+        }
+        let max_body_size = match self.max_body_size {
+            Some(quantity) => quantity.bytes(|text, reason| bad("max_body_size", text, reason))?,
+            None => defaults.max_body_size,
+        };
+        Ok(ClientLimits {
+            head_timeout,
+            connections: self.connections,
+            max_head_size,
+            max_body_size,
         })
     }
 }

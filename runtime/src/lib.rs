@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod compile;
 pub mod config;
+pub mod egress;
 pub mod engine;
 pub mod image;
 pub mod policy;

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::NodeConfig;
+use crate::config::{ClientLimits, NodeConfig};
+use crate::egress;
 use crate::units::{self, format_duration, format_memory, format_size};
 
 /// The prefix of every annotation Bulwark reads; any other key under it is an error.
@@ -170,6 +171,30 @@ pub enum PolicyError {
         key: String,
         /// The value as given.
         value: String,
+    },
+    /// A network grant outside the node's `ceilings.network`.
+    #[error(
+        "{key}: tcp:{grant} is outside this node's network ceiling [{ceiling}] (ceilings.network in the node configuration)"
+    )]
+    NetworkOutsideCeiling {
+        /// The annotation or flag.
+        key: String,
+        /// The grant.
+        grant: SocketAddr,
+        /// The ceiling's ranges, as the admin wrote them.
+        ceiling: String,
+    },
+    /// A network grant to a place no pod reaches unless the node's ceiling names it.
+    #[error(
+        "{key}: tcp:{grant} is not allowed: it is {why}; a node that means to allow it names it in ceilings.network"
+    )]
+    NetworkForbidden {
+        /// The annotation or flag.
+        key: String,
+        /// The grant.
+        grant: SocketAddr,
+        /// What the destination is.
+        why: &'static str,
     },
     /// Serving mode: the instances asked for do not fit in the container's memory limit.
     #[error(
@@ -472,6 +497,12 @@ impl Request {
                 if timeout.is_zero() {
                     return Err(malformed("a duration above zero".into()));
                 }
+                if timeout > MAX_TIMEOUT {
+                    return Err(malformed(format!(
+                        "a duration up to {} (a deadline further off cannot be kept)",
+                        format_duration(MAX_TIMEOUT)
+                    )));
+                }
                 self.timeout = Some(timeout);
             }
             Knob::Memory => {
@@ -555,7 +586,14 @@ pub struct Policy {
     pub serve: ServeRequest,
     /// The container's memory limit, if [`Policy::bound_by_container_memory`] was told one.
     pub container_memory: Option<u64>,
+    /// Serving mode: what clients may do (the node's `[serving]`).
+    #[serde(default)]
+    pub clients: ClientLimits,
 }
+
+/// The longest deadline a workload may have: every request's deadline is a point in time,
+/// and one further off than the clock can count would overflow it.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Where a wasi:http component listens by default.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -595,6 +633,11 @@ pub struct Serving {
     pub concurrency: Limit<u32>,
     /// Memory of one instance (one request), if capped.
     pub instance_memory: Option<Limit<u64>>,
+    /// Open connections at most: the node's `serving.connections`, else 4 x concurrency
+    /// + 64 (room for keep-alive clients between requests, never an unbounded queue).
+    pub connections: u32,
+    /// What clients may do.
+    pub clients: ClientLimits,
 }
 
 impl Policy {
@@ -632,6 +675,7 @@ impl Policy {
                 value: request.raw(Knob::Network),
             });
         }
+        check_grants(request, &network, config)?;
         let concurrency = resolve_limit(
             request,
             Knob::Concurrency,
@@ -682,6 +726,7 @@ impl Policy {
                 metrics: request.metrics,
             },
             container_memory: None,
+            clients: config.serving,
         })
     }
 
@@ -827,8 +872,13 @@ impl Policy {
         Serving {
             listen: self.serve.listen,
             metrics: self.serve.metrics,
+            connections: self
+                .clients
+                .connections
+                .unwrap_or_else(|| concurrency.value.saturating_mul(4).saturating_add(64)),
             concurrency,
             instance_memory: memory,
+            clients: self.clients,
         }
     }
 
@@ -1080,6 +1130,50 @@ fn parse_listen(value: &str, metrics: bool) -> Result<SocketAddr, String> {
     Ok(address)
 }
 
+/// Holds network grants against the node: inside `ceilings.network` when it is set, else
+/// away from loopback, link-local and the node's own addresses.
+fn check_grants(
+    request: &Request,
+    grants: &[SocketAddr],
+    config: &NodeConfig,
+) -> Result<(), PolicyError> {
+    if grants.is_empty() {
+        return Ok(());
+    }
+    let key = || request.key(Knob::Network);
+    match &config.network_ceiling {
+        Some(ceiling) => {
+            if let Some(grant) = grants
+                .iter()
+                .find(|grant| !ceiling.iter().any(|range| range.contains(grant)))
+            {
+                return Err(PolicyError::NetworkOutsideCeiling {
+                    key: key(),
+                    grant: *grant,
+                    ceiling: ceiling
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+        None => {
+            let node = egress::node_addresses();
+            for grant in grants {
+                if let Some(why) = egress::forbidden_by_default(grant, &node) {
+                    return Err(PolicyError::NetworkForbidden {
+                        key: key(),
+                        grant: *grant,
+                        why,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn parse_network(value: &str) -> Result<Vec<SocketAddr>, String> {
     let expected = "none, or tcp:IP:PORT entries separated by commas (tcp:10.0.0.5:5432,tcp:[::1]:8080); hosts are IP addresses because the guest gets no DNS";
     if value.trim() == "none" {
@@ -1108,7 +1202,6 @@ mod tests {
 
     fn config_with_ceilings() -> NodeConfig {
         NodeConfig {
-            compile: Default::default(),
             defaults: Limits {
                 fuel: None,
                 timeout: None,
@@ -1122,6 +1215,7 @@ mod tests {
                 concurrency: Some(500),
             },
             capabilities: Capabilities::default(),
+            ..NodeConfig::default()
         }
     }
 
@@ -1316,6 +1410,10 @@ mod tests {
         );
         let mut config = NodeConfig::default();
         config.capabilities.allow_network = true;
+        config.network_ceiling = Some(vec![
+            crate::egress::NetworkRange::parse("127.0.0.0/8:1-65535").unwrap(),
+            crate::egress::NetworkRange::parse("[::1]:80").unwrap(),
+        ]);
         let policy = Policy::resolve(&config, &request).unwrap();
         assert_eq!(
             policy.network,
@@ -1331,6 +1429,61 @@ mod tests {
                 .network
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn grants_without_a_ceiling_keep_away_from_the_node_and_metadata() {
+        let mut config = NodeConfig::default();
+        config.capabilities.allow_network = true;
+        let node = crate::egress::node_addresses()
+            .into_iter()
+            .find(|address| !address.is_loopback())
+            .map(|address| SocketAddr::new(address, 22).to_string());
+        let mut refused = vec![
+            "tcp:169.254.169.254:80".to_owned(),
+            "tcp:127.0.0.1:10250".to_owned(),
+            "tcp:[::1]:80".to_owned(),
+        ];
+        refused.extend(node.map(|node| format!("tcp:{node}")));
+        for grant in &refused {
+            let request = annotations(&[("bulwark.dev/network", grant.as_str())]).unwrap();
+            let error = Policy::resolve(&config, &request).unwrap_err().to_string();
+            assert!(
+                error.starts_with("bulwark.dev/network: ") && error.contains("is not allowed"),
+                "{grant}: {error}"
+            );
+        }
+        let elsewhere = annotations(&[("bulwark.dev/network", "tcp:10.96.0.10:5432")]).unwrap();
+        assert_eq!(
+            Policy::resolve(&config, &elsewhere).unwrap().network,
+            vec!["10.96.0.10:5432".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn grants_must_fall_inside_the_node_ceiling() {
+        let mut config = NodeConfig::parse(
+            "[ceilings]\nnetwork = [\"10.0.0.0/8:443\", \"127.0.0.1:8080-8090\"]\n[capabilities]\nallow_network = true\n",
+            "test",
+        )
+        .unwrap();
+        let inside =
+            annotations(&[("bulwark.dev/network", "tcp:10.1.2.3:443,tcp:127.0.0.1:8085")]).unwrap();
+        assert_eq!(Policy::resolve(&config, &inside).unwrap().network.len(), 2);
+        let outside = annotations(&[("bulwark.dev/network", "tcp:10.1.2.3:80")]).unwrap();
+        assert_eq!(
+            Policy::resolve(&config, &outside).unwrap_err().to_string(),
+            "bulwark.dev/network: tcp:10.1.2.3:80 is outside this node's network ceiling [10.0.0.0/8:443, 127.0.0.1/32:8080-8090] (ceilings.network in the node configuration)"
+        );
+        config.capabilities.allow_network = false;
+        assert!(Policy::resolve(&config, &inside).is_err());
+    }
+
+    #[test]
+    fn a_deadline_beyond_the_clock_is_refused() {
+        let error = annotations(&[("bulwark.dev/timeout", "100000000h")]).unwrap_err();
+        assert!(error.to_string().contains("a duration up to"), "{error}");
+        assert!(annotations(&[("bulwark.dev/timeout", "8760h")]).is_ok());
     }
 
     #[test]

@@ -18,18 +18,23 @@
 //!   once.
 //! - Outbound `wasi:http` requests go only to the policy's network grants.
 //! - Prometheus text at `/metrics` on its own listener, when asked for.
+//! - Clients get what the node's `[serving]` allows and no more: a request head must come
+//!   within `head_timeout` (idle keep-alive connections too), open connections are capped
+//!   (more are closed at once, never queued), a head over `max_head_size` gets 431 and a
+//!   body over `max_body_size` 413, and a response is written only until its request's
+//!   deadline, so a client that does not read frees its slot. Failed accepts back off.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -45,11 +50,12 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::cache::Artifact;
+use crate::config::ClientLimits;
 use crate::engine::{ASYNC_STACK_SIZE, Allocation, build_engine};
 use crate::policy::{Policy, Serving, ServingSizing};
 use crate::run::{
-    EpochDeadline, Guard, GuardedHost, Outcome, RunError, Runtime, StoreLimits, Workload, arm,
-    classify, deserialize_component, start_epoch_ticker, wasi_builder,
+    EGRESS_COUNTS_SIZE, EpochDeadline, Guard, GuardedHost, Outcome, RunError, Runtime, StoreLimits,
+    Workload, arm, classify, deserialize_component, start_epoch_ticker, wasi_builder,
 };
 
 /// What one request's instance costs beyond its linear memory and tables: its stack (the
@@ -247,6 +253,8 @@ impl Service {
                 serving.concurrency.value as usize,
             )),
             concurrency: serving.concurrency.value,
+            connections: ConnectionTable::new(serving.connections),
+            clients: serving.clients,
             next_id: AtomicU64::new(1),
             pre: self.pre,
             engine: self.engine,
@@ -310,10 +318,11 @@ impl Service {
             tokio::spawn(serve_metrics(listen(socket)?, shared.clone()));
         }
         eprintln!(
-            "bulwark: serving on http://{}: {} requests at once ({}), {} per instance; the runtime holds {} with the component loaded",
+            "bulwark: serving on http://{}: {} requests at once ({}), {} connections at most, {} per instance; the runtime holds {} with the component loaded",
             serving.listen,
             serving.concurrency.value,
             serving.concurrency.source,
+            serving.connections,
             serving.instance_memory.as_ref().map_or(
                 "no memory limit".to_owned(),
                 |memory| format!(
@@ -338,6 +347,9 @@ struct Shared {
     grants: Arc<[SocketAddr]>,
     slots: Arc<tokio::sync::Semaphore>,
     concurrency: u32,
+    /// The open connections, and how many more may open.
+    connections: ConnectionTable,
+    clients: ClientLimits,
     next_id: AtomicU64,
     metrics: Metrics,
 }
@@ -474,23 +486,72 @@ async fn accept_until_stopped(
     let mut terminate = signals(SignalKind::terminate())?;
     let mut interrupt = signals(SignalKind::interrupt())?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    let clients = shared.clients;
+    let head_size = usize::try_from(clients.max_head_size).unwrap_or(usize::MAX);
+    http1
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        // hyper starts this clock whenever the connection waits for a head: just
+        // accepted, or idle on keep-alive after a response.
+        .header_read_timeout(clients.head_timeout)
+        .max_header_size(head_size)
+        .max_buf_size(head_size.max(MIN_READ_BUFFER));
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => {
+                        backoff.reset();
+                        stream
+                    }
+                    Err(error) => {
+                        // Out of descriptors or memory: trying again at once would spin.
+                        shared.metrics.accept_errors.inc();
+                        let pause = backoff.next();
+                        eprintln!("bulwark: cannot accept a connection ({error}); trying again in {pause:?}");
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                };
+                let Some(permit) = shared.connections.admit(&shared.metrics).await else {
+                    shared.metrics.connection("refused");
+                    // Closed at once: a queue of waiting connections is what an attacker
+                    // would fill.
+                    drop(stream);
+                    continue;
+                };
+                shared.metrics.connection("accepted");
                 // A response goes out as soon as it is written: with Nagle's algorithm, a
                 // small response waits for the client's delayed ACK (40 ms) on keep-alive.
                 let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                let service = hyper::service::service_fn(move |request| {
-                    handle(shared.clone(), request)
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
+                let client = shared.connections.register();
+                let service = {
+                    let (shared, client) = (shared.clone(), client.clone());
+                    hyper::service::service_fn(move |request| {
+                        handle(shared.clone(), request, client.clone())
+                    })
+                };
+                let connection = http1.serve_connection(
+                    TokioIo::new(Deadlined::new(stream, client.clone())),
+                    service,
+                );
                 let watched = graceful.watch(connection);
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    let _ = watched.await;
+                    let _open = (permit, Counted::new(&shared.metrics.connections_open));
+                    tokio::select! {
+                        ended = watched => {
+                            if let Err(error) = ended {
+                                shared.metrics.connection(connection_end(&error));
+                            }
+                        }
+                        // Pushed out by a newer connection while it only waited: dropped,
+                        // so closed.
+                        () = client.evict.notified() => {}
+                    }
+                    client.closed.store(true, Ordering::Relaxed);
                 });
             }
             _ = terminate.recv() => break,
@@ -513,34 +574,39 @@ async fn accept_until_stopped(
 async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
+    client: Arc<ClientConnection>,
 ) -> Result<Response<HyperOutgoingBody>, Infallible> {
+    // Busy (not to be pushed out) until hyper has written the response and dropped it.
+    let busy = Busy::new(&client);
     let started = Instant::now();
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let what = format!("request {id} {} {}", request.method(), request.uri().path());
     let deadline = shared.limits.timeout.as_ref().map(|t| started + t.value);
-    let response = match acquire(&shared, deadline).await {
-        Some(slot) => run_request(&shared, request, deadline, &what, slot).await,
-        None => {
+    client.set_write_deadline(deadline);
+    let max_body = shared.clients.max_body_size;
+    let declared_body = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
+    let response = match declared_body.filter(|length| *length > max_body) {
+        Some(length) => {
             let reason = format!(
-                "all {} instances were busy for this request's whole deadline ({})",
-                shared.concurrency,
-                shared
-                    .limits
-                    .timeout
-                    .as_ref()
-                    .map_or("none".into(), |t| t.source.to_string())
+                "the request body of {length} bytes is over this node's cap of {} (serving.max_body_size)",
+                format_size(max_body)
             );
-            eprintln!("bulwark: {what}: 503: {reason}");
-            let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, &reason);
-            response.headers_mut().insert(
-                hyper::header::RETRY_AFTER,
-                RETRY_AFTER_SECONDS
-                    .to_string()
-                    .parse()
-                    .expect("a number is a header value"),
-            );
-            response
+            eprintln!("bulwark: {what}: 413: {reason}");
+            text_response(StatusCode::PAYLOAD_TOO_LARGE, &reason)
         }
+        None => match acquire(&shared, deadline).await {
+            Some(slot) => {
+                let request = request.map(|body| CappedBody {
+                    inner: body,
+                    left: max_body,
+                });
+                run_request(&shared, request, deadline, &what, slot).await
+            }
+            None => busy_response(&shared, &what),
+        },
     };
     let metrics = &shared.metrics;
     metrics
@@ -550,7 +616,36 @@ async fn handle(
         })
         .inc();
     metrics.duration.observe(started.elapsed().as_secs_f64());
-    Ok(response)
+    Ok(response.map(|body| {
+        BusyBody {
+            inner: body,
+            _busy: busy,
+        }
+        .boxed_unsync()
+    }))
+}
+
+/// 503 for a request that found every instance busy for its whole deadline.
+fn busy_response(shared: &Shared, what: &str) -> Response<HyperOutgoingBody> {
+    let reason = format!(
+        "all {} instances were busy for this request's whole deadline ({})",
+        shared.concurrency,
+        shared
+            .limits
+            .timeout
+            .as_ref()
+            .map_or("none".into(), |t| t.source.to_string())
+    );
+    eprintln!("bulwark: {what}: 503: {reason}");
+    let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, &reason);
+    response.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        RETRY_AFTER_SECONDS
+            .to_string()
+            .parse()
+            .expect("a number is a header value"),
+    );
+    response
 }
 
 /// A slot among the `concurrency` ones, waited for until `deadline` (or forever). A slot
@@ -578,7 +673,7 @@ async fn acquire(
 /// Runs the guest's handler for `request` in a fresh instance.
 async fn run_request(
     shared: &Arc<Shared>,
-    request: Request<Incoming>,
+    request: Request<CappedBody>,
     deadline: Option<Instant>,
     what: &str,
     slot: tokio::sync::OwnedSemaphorePermit,
@@ -641,10 +736,26 @@ async fn run_request(
     };
     match waited {
         Ok(Ok(Ok(response))) => {
-            // A limit may still end the handler while the body streams.
+            // A limit may still end the handler while the body streams, and the deadline
+            // still holds: a guest stuck writing to a client that does not read is ended
+            // with it, freeing its slot (and the connection's writes stop then too: see
+            // [`Deadlined`]).
             let (shared, what) = (shared.clone(), what.to_owned());
             tokio::spawn(async move {
-                if let Ok(Some(outcome)) = task.await {
+                let mut task = task;
+                let outcome = match (deadline, shared.limits.timeout.clone()) {
+                    (Some(deadline), Some(timeout)) => {
+                        match tokio::time::timeout_at(deadline.into(), &mut task).await {
+                            Ok(joined) => joined.ok().flatten(),
+                            Err(_) => {
+                                task.abort();
+                                Some(Outcome::DeadlineExceeded(timeout))
+                            }
+                        }
+                    }
+                    _ => task.await.ok().flatten(),
+                };
+                if let Some(outcome) = outcome {
                     shared.metrics.limit(&outcome);
                     eprintln!(
                         "bulwark: {what}: {} (after the response head: connection aborted)",
@@ -717,10 +828,11 @@ impl hyper::body::Body for CompletedBody {
             Poll::Ready(failed) => {
                 self.ending = None;
                 match failed {
-                    Ok(true) => {
+                    Ok(false) => Poll::Ready(None),
+                    // Failed, or ended by its deadline (its task aborted, the sender gone).
+                    Ok(true) | Err(_) => {
                         Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
                     }
-                    _ => Poll::Ready(None),
                 }
             }
         }
@@ -777,6 +889,369 @@ fn text_response(status: StatusCode, text: &str) -> Response<HyperOutgoingBody> 
     response
 }
 
+/// How long past its request's deadline a response may still be written: the limit's own
+/// response (504 at the deadline) must get out; a client that does not read gets no more.
+const RESPONSE_GRACE: Duration = Duration::from_secs(1);
+
+/// hyper's read buffer may not be smaller than this.
+const MIN_READ_BUFFER: usize = 8192;
+
+/// How long to wait before accepting again after a failed accept (out of descriptors, out
+/// of memory): doubling from 5 ms to 1 s, back to the start after a success.
+#[derive(Debug, Default)]
+struct AcceptBackoff(u32);
+
+impl AcceptBackoff {
+    fn next(&mut self) -> Duration {
+        let pause = Duration::from_millis(5u64 << self.0.min(8)).min(Duration::from_secs(1));
+        self.0 = self.0.saturating_add(1);
+        pause
+    }
+
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
+/// What ended a connection with an error, for `bulwark_connections_total{event}`.
+fn connection_end(error: &hyper::Error) -> &'static str {
+    if error.is_timeout() {
+        return "head_timeout";
+    }
+    if error.is_parse_too_large() {
+        return "head_too_large";
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return "response_deadline";
+        }
+        source = cause.source();
+    }
+    if error.is_parse() {
+        return "malformed";
+    }
+    "broken"
+}
+
+/// The open client connections of a service, oldest first, and the cap on them.
+///
+/// At the cap, a new connection pushes out the oldest one that is only waiting (for a
+/// request head that is slow to come, or idle on keep-alive) instead of being refused:
+/// otherwise slow clients that fill the cap would lock every other client out until
+/// `head_timeout`. Only when every open connection is in the middle of a request is the new
+/// one refused.
+struct ConnectionTable {
+    slots: Arc<tokio::sync::Semaphore>,
+    open: std::sync::Mutex<std::collections::VecDeque<Arc<ClientConnection>>>,
+    cap: usize,
+}
+
+/// How long a new connection waits for the slot of the one it pushed out.
+const EVICTION_WAIT: Duration = Duration::from_millis(500);
+
+impl ConnectionTable {
+    fn new(cap: u32) -> ConnectionTable {
+        ConnectionTable {
+            slots: Arc::new(tokio::sync::Semaphore::new(cap as usize)),
+            open: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            cap: cap as usize,
+        }
+    }
+
+    /// A slot for a new connection: a free one, or the one of the oldest waiting
+    /// connection, pushed out; `None` when every connection is busy with a request.
+    async fn admit(&self, metrics: &Metrics) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        let pushed_out = {
+            let mut open = self.lock();
+            open.retain(|client| !client.closed.load(Ordering::Relaxed));
+            open.iter()
+                .position(|client| client.waiting())
+                .and_then(|index| open.remove(index))
+        }?;
+        metrics.connection("pushed_out");
+        pushed_out.evict.notify_one();
+        tokio::time::timeout(EVICTION_WAIT, self.slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Records a connection just admitted.
+    fn register(&self) -> Arc<ClientConnection> {
+        let client = Arc::new(ClientConnection::default());
+        let mut open = self.lock();
+        if open.len() >= self.cap {
+            open.retain(|client| !client.closed.load(Ordering::Relaxed));
+        }
+        open.push_back(client.clone());
+        client
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Arc<ClientConnection>>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One client connection's state, shared by its task, its requests and its I/O.
+#[derive(Debug, Default)]
+struct ClientConnection {
+    /// Requests whose response hyper has not finished with.
+    busy: std::sync::atomic::AtomicU32,
+    /// The latest time the connection may still write its response: the deadline of the
+    /// request it answers (set when the request arrives; hyper serves one at a time).
+    write_deadline: std::sync::Mutex<Option<Instant>>,
+    /// Told to close: pushed out by a newer connection.
+    evict: tokio::sync::Notify,
+    /// Its task ended.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl ClientConnection {
+    /// Whether it only waits for a request (none in progress): it may be pushed out.
+    fn waiting(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) == 0 && !self.closed.load(Ordering::Relaxed)
+    }
+
+    fn set_write_deadline(&self, deadline: Option<Instant>) {
+        *self
+            .write_deadline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = deadline;
+    }
+
+    /// When writing its response must stop: the request's deadline and [`RESPONSE_GRACE`].
+    fn write_deadline(&self) -> Option<Instant> {
+        self.write_deadline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|deadline| deadline + RESPONSE_GRACE)
+    }
+}
+
+/// A request in progress on its connection, from its handling until hyper drops its
+/// response (written, or abandoned with the connection).
+struct Busy(Arc<ClientConnection>);
+
+impl Busy {
+    fn new(client: &Arc<ClientConnection>) -> Busy {
+        client.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(client.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its connection [`Busy`] for as long as hyper holds it.
+struct BusyBody {
+    inner: HyperOutgoingBody,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for BusyBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(context)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client connection whose writes fail once the response's deadline has passed, even
+/// while a write waits on a client that does not read: the connection then closes, so a
+/// client cannot hold a connection (or the instance behind it) past the request's deadline
+/// by leaving its receive window shut.
+struct Deadlined {
+    stream: tokio::net::TcpStream,
+    client: Arc<ClientConnection>,
+    timer: Option<(Instant, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Deadlined {
+    fn new(stream: tokio::net::TcpStream, client: Arc<ClientConnection>) -> Deadlined {
+        Deadlined {
+            stream,
+            client,
+            timer: None,
+        }
+    }
+
+    /// `Ready(Err)` once the deadline has passed; otherwise a wake-up at the deadline.
+    fn poll_deadline(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let Some(deadline) = self.client.write_deadline() else {
+            return std::task::Poll::Pending;
+        };
+        let passed = || {
+            std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request's deadline passed while its response was being written",
+            )))
+        };
+        if Instant::now() >= deadline {
+            return passed();
+        }
+        let timer = match &mut self.timer {
+            Some((at, timer)) if *at == deadline => timer,
+            _ => {
+                let timer = Box::pin(tokio::time::sleep_until(deadline.into()));
+                &mut self.timer.insert((deadline, timer)).1
+            }
+        };
+        match timer.as_mut().poll(context) {
+            std::task::Poll::Ready(()) => passed(),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    /// A write (or flush) that gives up at the deadline.
+    fn bounded<T>(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+        write: impl FnOnce(
+            std::pin::Pin<&mut tokio::net::TcpStream>,
+            &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        if self
+            .client
+            .write_deadline()
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            return self
+                .poll_deadline(context)
+                .map_ok(|()| unreachable!("the deadline passed"));
+        }
+        match write(std::pin::Pin::new(&mut self.stream), context) {
+            Poll::Pending => match self.poll_deadline(context) {
+                Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+                _ => Poll::Pending,
+            },
+            done => done,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Deadlined {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(context, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Deadlined {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut()
+            .bounded(context, |stream, context| stream.poll_write(context, buf))
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut().bounded(context, |stream, context| {
+            stream.poll_write_vectored(context, bufs)
+        })
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.get_mut()
+            .bounded(context, |stream, context| stream.poll_flush(context))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(context)
+    }
+}
+
+/// A request body that fails once it has brought more than the node's cap: a chunked body
+/// declares no length up front, so the cap is counted as it arrives.
+struct CappedBody {
+    inner: Incoming,
+    left: u64,
+}
+
+impl hyper::body::Body for CappedBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(context) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let size = frame.data_ref().map_or(0, |data| data.len() as u64);
+                match self.left.checked_sub(size) {
+                    Some(left) => {
+                        self.left = left;
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    None => Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(
+                        None,
+                    )))),
+                }
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// One in a gauge for as long as it lives: a request's future may be dropped anywhere (a
 /// deadline aborts it, a client goes away), and the gauge must not keep counting it.
 struct Counted(Gauge);
@@ -800,6 +1275,16 @@ struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -815,6 +1300,10 @@ struct Metrics {
     in_flight: Gauge,
     queued: Gauge,
     concurrency: Gauge,
+    connections: Family<EventLabel, Counter>,
+    connections_open: Gauge,
+    accept_errors: Counter,
+    egress: Family<VerdictLabel, Counter>,
 }
 
 impl Metrics {
@@ -830,6 +1319,10 @@ impl Metrics {
             in_flight: Gauge::default(),
             queued: Gauge::default(),
             concurrency: Gauge::default(),
+            connections: Family::default(),
+            connections_open: Gauge::default(),
+            accept_errors: Counter::default(),
+            egress: Family::default(),
         };
         let registry = &mut metrics.registry;
         registry.register(
@@ -868,7 +1361,48 @@ impl Metrics {
             metrics.queued.clone(),
         );
         registry.register("concurrency", "Instance slots", metrics.concurrency.clone());
+        registry.register(
+            "connections",
+            "Client connections by event: accepted, pushed_out (a waiting one closed for a new one at the cap), refused (at the cap with every one busy), and how those that ended in an error ended (head_timeout, head_too_large, response_deadline, malformed, broken)",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            metrics.connections_open.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts (each followed by a pause)",
+            metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "egress",
+            "Connection attempts of the container's sockets, by the kernel's egress filter's verdict (allowed, denied; reports_dropped: denials counted but not logged)",
+            metrics.egress.clone(),
+        );
         metrics
+    }
+
+    /// Brings the egress counters up to what the shim last published in `counts`.
+    fn read_egress(&self, counts: &std::fs::File) {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = [0u8; EGRESS_COUNTS_SIZE];
+        if counts.read_exact_at(&mut bytes, 0).is_err() {
+            return;
+        }
+        for (verdict, value) in ["allowed", "denied", "reports_dropped"]
+            .into_iter()
+            .zip(bytes.chunks_exact(8))
+        {
+            let value = u64::from_ne_bytes(value.try_into().expect("8 bytes"));
+            let counter = self.egress.get_or_create(&VerdictLabel { verdict });
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+    }
+
+    fn connection(&self, event: &'static str) {
+        self.connections.get_or_create(&EventLabel { event }).inc();
     }
 
     fn limit(&self, outcome: &Outcome) {
@@ -892,12 +1426,29 @@ async fn serve_metrics(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         .metrics
         .concurrency
         .set(i64::from(shared.concurrency));
-    while let Ok((stream, _)) = listener.accept().await {
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.reset();
+                stream
+            }
+            Err(_) => {
+                shared.metrics.accept_errors.inc();
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+        };
+        // A scraper is a client too: it gets the same time to send its request head.
+        let head_timeout = shared.clients.head_timeout;
         let shared = shared.clone();
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let shared = shared.clone();
             async move {
                 let response = if request.uri().path() == "/metrics" {
+                    if let Some(counts) = &shared.workload.egress_counts {
+                        shared.metrics.read_egress(counts);
+                    }
                     let mut response =
                         text_response(StatusCode::OK, shared.metrics.text().trim_end());
                     response.headers_mut().insert(
@@ -915,6 +1466,8 @@ async fn serve_metrics(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         });
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(head_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

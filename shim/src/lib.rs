@@ -22,6 +22,7 @@
 pub mod bundle;
 pub mod cgroup;
 pub mod container;
+pub mod egress;
 pub mod node;
 pub mod process;
 pub mod registry;

@@ -117,6 +117,7 @@ impl Setup {
             policy: self.policy(),
             facts,
             termination_log: true,
+            egress_counts: false,
             user: self.user.clone(),
         };
         let path = self.path().join("plan.json");
@@ -143,6 +144,7 @@ impl Setup {
                 .map(|(host, _)| File::open(host).unwrap())
                 .collect(),
             termination_log: Some(self.termination_log()),
+            egress_counts: None,
             namespaces: self.namespaces.clone(),
         };
         let (reader, writer) = bulwark_shim::process::pipe().unwrap();
@@ -285,6 +287,7 @@ fn after_lock_down_only_granted_paths_open_from_the_host_side() {
         "@socket".into(),
         "@socket-unix".into(),
         "@socket-netlink".into(),
+        "@socketpair".into(),
         "@fork".into(),
         "@unshare".into(),
         "@ptrace".into(),
@@ -313,15 +316,17 @@ fn a_network_grant_opens_tcp_sockets_and_nothing_else() {
     let mut setup = Setup::new("hello", &["hello"]);
     setup.config.capabilities.allow_network = true;
     let run = setup
-        .flag(Knob::Network, "tcp:127.0.0.1:9")
+        .flag(Knob::Network, "tcp:10.0.0.1:9")
         .probe(&[
             "@socket".into(),
             "@socket-unix".into(),
             "@socket-netlink".into(),
+            "@socketpair".into(),
         ])
         .run();
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     run.assert_allowed("@socket");
+    run.assert_denied("@socketpair");
     run.assert_denied("@socket-unix");
     run.assert_denied("@socket-netlink");
 }
@@ -595,6 +600,7 @@ fn the_workload_joins_the_pods_namespaces() {
         artifact: artifact.file,
         preopens: vec![],
         termination_log: None,
+        egress_counts: None,
         namespaces: setup.namespaces.clone(),
     };
     let (reader, writer) = bulwark_shim::process::pipe().unwrap();

@@ -92,5 +92,53 @@ fn a_component_connects_only_where_granted() -> Result<()> {
         "{}",
         run.stderr
     );
+
+    // A node that allows grants but names no ceiling keeps them off its own loopback...
+    std::fs::write(&config, "[capabilities]\nallow_network = true\n")?;
+    let with_config = |grant: &str| {
+        bulwark(
+            &cache,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--network",
+                grant,
+                guest,
+            ],
+        )
+    };
+    let run = with_config(&grant);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "--network: {grant} is not allowed: it is a loopback address"
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(!accepted(&listener), "connected to a refused grant");
+
+    // ...and one whose ceiling holds the grant runs it; one outside it is refused.
+    std::fs::write(
+        &config,
+        format!(
+            "[ceilings]\nnetwork = [\"127.0.0.0/8:{}\"]\n[capabilities]\nallow_network = true\n",
+            address.port()
+        ),
+    )?;
+    let run = with_config(&grant);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        accepted(&listener),
+        "granted within the ceiling, but no connection arrived"
+    );
+    let run = with_config(&format!("tcp:{other}"));
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("is outside this node's network ceiling"),
+        "{}",
+        run.stderr
+    );
     Ok(())
 }

@@ -390,3 +390,168 @@ fn a_big_python_component_serves_under_the_same_limits() {
     assert_eq!((held.status, held.body.as_str()), (200, "held 8 MiB\n"));
     assert_eq!(server.get("/missing").unwrap().status, 404);
 }
+
+/// Writes `raw` on a new connection and returns the connection.
+fn send(address: SocketAddr, raw: &[u8]) -> TcpStream {
+    use std::io::Write;
+    let mut stream = TcpStream::connect_timeout(&address, REQUEST).unwrap();
+    stream.write_all(raw).unwrap();
+    stream
+}
+
+/// Whether the server closed `stream` within `within` (anything it sent first is read).
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    let deadline = Instant::now() + within;
+    let mut buffer = [0u8; 65536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The first line (status) the server sent on `stream`.
+fn status_line(stream: &mut TcpStream) -> String {
+    use std::io::Read;
+    stream.set_read_timeout(Some(REQUEST)).unwrap();
+    let mut text = Vec::new();
+    let mut byte = [0u8; 1];
+    while !text.ends_with(b"\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+        text.push(byte[0]);
+    }
+    String::from_utf8_lossy(&text).trim_end().to_owned()
+}
+
+#[test]
+fn hostile_clients_get_only_what_the_node_allows() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[serving]\nhead_timeout = \"1s\"\nconnections = 24\nmax_head_size = \"8Ki\"\nmax_body_size = \"1Ki\"\n",
+    )
+    .unwrap();
+    let metrics = free_address();
+    let server = Server::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--concurrency",
+        "2",
+        "--timeout",
+        "2s",
+        "--metrics",
+        &metrics.to_string(),
+    ]);
+    let address = server.address;
+
+    // Slowloris: heads that never end are closed after head_timeout, and a normal
+    // request is answered meanwhile.
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..16)
+        .map(|_| send(address, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: "))
+        .collect();
+    assert_eq!(server.get("/").unwrap().status, 200, "during slowloris");
+    for stream in &mut slow {
+        assert!(
+            closed_within(stream, Duration::from_secs(5)),
+            "a slow head still open after {:?}",
+            started.elapsed()
+        );
+    }
+    // An idle keep-alive connection is closed after the same time.
+    let mut idle = send(address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status_line(&mut idle), "HTTP/1.1 200 OK");
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(5)),
+        "idle keep-alive"
+    );
+
+    // Open connections are capped: one over the cap is closed at once, not queued.
+    let held: Vec<TcpStream> = (0..24).map(|_| send(address, b"")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut over = send(address, b"");
+    assert!(
+        closed_within(&mut over, Duration::from_millis(700)),
+        "a connection over the cap was kept"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Oversized heads get 431, oversized bodies 413.
+    let mut big_head = send(
+        address,
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(10_000)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(
+        status_line(&mut big_head),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    let mut big_body = send(
+        address,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2048\r\n\r\n",
+    );
+    assert_eq!(status_line(&mut big_body), "HTTP/1.1 413 Payload Too Large");
+
+    // Clients that ask for a big body and never read it hold both slots only until the
+    // deadline: then their responses are abandoned and the next request is served.
+    let stuck: Vec<TcpStream> = (0..2)
+        .map(|_| send(address, b"GET /big/65536 HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    let answered = Instant::now();
+    assert_eq!(
+        server.get("/").unwrap().status,
+        200,
+        "after the stuck clients' deadline"
+    );
+    assert!(
+        answered.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        answered.elapsed()
+    );
+    drop(stuck);
+
+    let text = get(metrics, "/metrics", REQUEST).unwrap().body;
+    let count = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("bulwark_connections_total{event=\"head_timeout\"}") >= 17,
+        "{text}"
+    );
+    assert!(
+        count("bulwark_connections_total{event=\"refused\"}") >= 1,
+        "{text}"
+    );
+    assert!(
+        count("bulwark_connections_total{event=\"head_too_large\"}") >= 1,
+        "{text}"
+    );
+    assert!(
+        count("bulwark_connections_total{event=\"response_deadline\"}") >= 2,
+        "{text}"
+    );
+    assert!(
+        count("bulwark_requests_total{status=\"413\"}") >= 1,
+        "{text}"
+    );
+    assert!(
+        count("bulwark_limits_total{kind=\"timeout\"}") >= 2,
+        "{text}"
+    );
+}

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use bulwark_runtime::cache::{Artifact, CacheEvent, DEFAULT_CACHE_DIR, ModuleCache, digest_file};
+use bulwark_runtime::egress::NetworkRange;
 use bulwark_runtime::engine::FlavorRequest;
 use bulwark_runtime::policy::Knob;
 use bulwark_runtime::run::{Preopen, Report};
@@ -354,10 +355,18 @@ fn prepare(
 ) -> Result<Prepared> {
     let config = match &flags.config {
         Some(path) => NodeConfig::load_required(path).map_err(input)?,
-        // A laptop is its own admin: no ceilings, and grants are the user's to make.
+        // A laptop is its own admin: no ceilings, and grants are the user's to make, its
+        // own loopback included.
         None => {
             let mut config = NodeConfig::default();
             config.capabilities.allow_network = true;
+            config.network_ceiling = Some(
+                ["0.0.0.0/0:1-65535", "[::]/0:1-65535"]
+                    .into_iter()
+                    .map(NetworkRange::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|error| anyhow::anyhow!("the whole network: {error}"))?,
+            );
             config
         }
     };
@@ -389,6 +398,7 @@ fn prepare(
         env: policy.filter_env(guest_env(&flags.env)?),
         preopens: Preopen::same_path(&policy.dirs),
         inherit_stdio: true,
+        egress_counts: None,
     };
     for preopen in &workload.preopens {
         if !preopen.host.is_dir() {

@@ -96,6 +96,24 @@ pub struct Cgroup {
     resources: Resources,
     /// The systemd scope the directories belong to (systemd driver).
     scope: Option<Scope>,
+    /// Its directory in the unified (v2) hierarchy, where cgroup BPF programs attach (see
+    /// [`Cgroup::egress_dir`]).
+    egress_dir: Option<PathBuf>,
+}
+
+/// Where a hybrid node (v1 controllers) mounts its cgroup2 hierarchy, which has no
+/// controllers but does run cgroup BPF programs.
+const HYBRID_UNIFIED_ROOT: &str = "/sys/fs/cgroup/unified";
+
+/// The directory at `inside` in the unified hierarchy of a v2 or hybrid node.
+fn unified_dir(unified: bool, inside: &Path) -> Option<PathBuf> {
+    if unified {
+        return Some(Path::new(CGROUP_ROOT).join(inside));
+    }
+    let root = Path::new(HYBRID_UNIFIED_ROOT);
+    root.join("cgroup.controllers")
+        .exists()
+        .then(|| root.join(inside))
 }
 
 /// A transient systemd scope in a slice.
@@ -154,7 +172,7 @@ impl Cgroup {
         let mut cgroup = Cgroup::locate(cgroups_path)?;
         cgroup.resources = *resources;
         if cgroup.scope.is_none() {
-            for (_, dir) in &cgroup.dirs {
+            for dir in cgroup.own_dirs() {
                 fs::create_dir_all(dir).map_err(io(dir, "create"))?;
             }
             if cgroup.unified {
@@ -194,6 +212,8 @@ impl Cgroup {
                 unified,
                 dirs: hierarchy_dirs(unified, |_| inside.clone()),
                 resources: Resources::default(),
+                // systemd puts the scope in the unified hierarchy of a hybrid node too.
+                egress_dir: unified_dir(unified, &inside),
                 scope: Some(Scope {
                     slice: slice.to_owned(),
                     unit,
@@ -221,6 +241,7 @@ impl Cgroup {
         };
         Ok(Cgroup {
             unified,
+            egress_dir: unified_dir(unified, &inside("")),
             dirs: hierarchy_dirs(unified, inside),
             resources: Resources::default(),
             scope: None,
@@ -231,7 +252,7 @@ impl Cgroup {
     /// the systemd driver, starts the scope with it and waits until systemd has moved it.
     pub fn place(&self, pid: u32) -> Result<(), CgroupError> {
         let Some(scope) = &self.scope else {
-            for (_, dir) in &self.dirs {
+            for dir in self.own_dirs() {
                 let procs = dir.join("cgroup.procs");
                 fs::write(&procs, pid.to_string()).map_err(io(&procs, "add the workload"))?;
             }
@@ -271,6 +292,20 @@ impl Cgroup {
         // The properties survive a daemon-reload; the files carry the exact values (systemd
         // rounds CPU quotas to whole percents).
         self.apply()
+    }
+
+    /// The directory where cgroup BPF programs see the container's sockets: the cgroup
+    /// itself on a v2 node; on a hybrid node, the same path in its cgroup2 hierarchy (made
+    /// and removed with the cgroup, or systemd's scope there). `None` on a v1-only node.
+    pub fn egress_dir(&self) -> Option<&Path> {
+        self.egress_dir.as_deref()
+    }
+
+    /// The directories Bulwark itself makes, joins and removes (cgroupfs driver): one per
+    /// hierarchy, and on a hybrid node the cgroup2 one beside them.
+    fn own_dirs(&self) -> impl Iterator<Item = &PathBuf> {
+        let hybrid = self.egress_dir.as_ref().filter(|_| !self.unified);
+        self.dirs.iter().map(|(_, dir)| dir).chain(hybrid)
     }
 
     /// Whether `pid` is in the cgroup at `dir` (of the first hierarchy).
@@ -524,7 +559,7 @@ impl Cgroup {
                     message: error.to_string(),
                 })?;
         }
-        for (_, dir) in &self.dirs {
+        for dir in self.own_dirs() {
             match fs::remove_dir(dir) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}

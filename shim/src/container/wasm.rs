@@ -21,6 +21,7 @@ use crate::bundle::content::{ContainerImage, IMAGE_NAME, fetch_wasm_layer, overs
 use crate::bundle::spec::ContainerSpec;
 use crate::bundle::{ARTIFACT_MODULE_FILE, ContentStore, PLAN_FILE};
 use crate::cgroup::{Cgroup, compile_step_path};
+use crate::egress::{EgressCounts, EgressPlan};
 use crate::process::binaries::{WORKLOAD_BINARY, beside_shim};
 use crate::process::compile::parent::{CompileSteps, ModuleToCompile, Placement, Reaping};
 use crate::process::compile::step_user;
@@ -37,6 +38,8 @@ pub struct WasmContainer {
     pub launch: Launch,
     /// Its cgroup (cgroupfs directories made, or the systemd scope to start).
     pub cgroup: Option<Cgroup>,
+    /// What the kernel's egress filter on that cgroup must allow.
+    pub egress: EgressPlan,
 }
 
 /// Prepares container `id` of `bundle` (rootfs mounted), whose spec is `spec`: `log` says
@@ -81,6 +84,19 @@ pub fn prepare(
     drop(module);
     let (planned, preopens) = open_preopens(bundle, spec, &policy)?;
     let termination_log = open_termination_log(spec)?;
+    // A service shows its egress counts in /metrics: the shim writes them, the workload
+    // reads them.
+    let counts = if artifact.facts.serves_http {
+        Some(EgressCounts::create().map_err(|e| CreateError::Failed(format!("{e:#}")))?)
+    } else {
+        None
+    };
+    let (counts_writer, counts_reader) = counts.unzip();
+    let egress = EgressPlan {
+        grants: policy.network.clone(),
+        allow_without: config.capabilities.allow_without_egress_filter,
+        counts: counts_writer,
+    };
     let plan = Plan {
         entrypoint: entrypoint.clone(),
         args: spec.args.clone(),
@@ -88,6 +104,7 @@ pub fn prepare(
         preopens: planned,
         facts: artifact.facts,
         termination_log: termination_log.is_some(),
+        egress_counts: counts_reader.is_some(),
         user: spec.user.clone(),
         policy,
     };
@@ -107,9 +124,11 @@ pub fn prepare(
             artifact: artifact.file,
             preopens,
             termination_log,
+            egress_counts: counts_reader,
             namespaces: spec.pod_namespaces(),
         },
         cgroup,
+        egress,
     })))
 }
 

@@ -553,6 +553,7 @@ pub const DEFAULT_NODE_CONFIG: &str = r#"# Bulwark's node configuration, written
 # allow_native = false  # native (ELF) containers other than pause, e.g. sidecars
 # allow_network = false # bulwark.dev/network grants at all
 # allow_without_landlock = false # run where the kernel does not enforce Landlock
+# allow_without_egress_filter = false # run network grants where no cgroup BPF filter attaches
 "#;
 
 #[cfg(test)]

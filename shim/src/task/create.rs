@@ -12,6 +12,9 @@ use crate::bundle::{mount_rootfs, remove_files, unmount_rootfs};
 use crate::cgroup::Cgroup;
 use crate::container::native::{NativeContainer, NativeStdio};
 use crate::container::{CreateError, Pod, Prepared, WasmContainer};
+use crate::egress::EgressPlan;
+use crate::egress::bpf::EgressFilter;
+use crate::egress::watch::EgressWatch;
 use crate::process::ProcessLimits;
 
 use super::options::config_path_from_options;
@@ -58,7 +61,7 @@ impl TaskService {
                     match crate::container::prepare(
                         &req.id, &bundle, &spec, &config, &pod, &mut log,
                     )? {
-                        Prepared::Wasm(wasm) => create_wasm(*wasm, &spec, opened),
+                        Prepared::Wasm(wasm) => create_wasm(*wasm, &spec, opened, &stdio.stderr),
                         Prepared::Native => create_native(&req.id, &bundle, &spec, opened),
                     }
                 })
@@ -113,22 +116,42 @@ fn create_sandbox(spec: &ContainerSpec) -> Result<Created, CreateError> {
     }
 }
 
-/// A Wasm container: its workload process, started, loaded and waiting at its gate.
+/// A Wasm container: its workload process, started, loaded and waiting at its gate, with
+/// the kernel's egress filter on its cgroup.
 fn create_wasm(
     wasm: WasmContainer,
     spec: &ContainerSpec,
     stdio: OpenedStdio,
+    stderr: &str,
 ) -> Result<Created, CreateError> {
+    let log = (!stderr.is_empty()).then(|| PathBuf::from(stderr));
     let started = crate::process::workload::parent::start_gated(
         wasm.launch,
         stdio.into_array(),
         wasm.cgroup.as_ref(),
         &ProcessLimits::of(spec),
-    );
+    )
+    .map_err(CreateError::from)
+    .and_then(|gated| {
+        // The workload is in its cgroup but runs nothing of the guest until Start.
+        let egress = attach_egress_filter(wasm.cgroup.as_ref(), wasm.egress, log);
+        match egress {
+            Ok(egress) => Ok((gated, egress)),
+            Err(error) => {
+                // SAFETY: kill(2) on our own child, not yet reaped.
+                unsafe { libc::kill(gated.pid as libc::pid_t, libc::SIGKILL) };
+                Err(error)
+            }
+        }
+    });
     match started {
-        Ok(gated) => {
+        Ok((gated, egress)) => {
             let pid = gated.pid;
-            Ok((Kind::Wasm { gate: Some(gated) }, pid, wasm.cgroup))
+            let kind = Kind::Wasm {
+                gate: Some(gated),
+                _egress: egress,
+            };
+            Ok((kind, pid, wasm.cgroup))
         }
         Err(error) => {
             if let Some(cgroup) = &wasm.cgroup
@@ -136,8 +159,41 @@ fn create_wasm(
             {
                 log::warn!("{err}");
             }
-            Err(error.into())
+            Err(error)
         }
+    }
+}
+
+/// Puts the egress filter on the container's cgroup, allowing exactly its grants (nothing
+/// when it has none). A container with grants on a node where it cannot be attached is
+/// refused, unless the node allows running without it; one without grants runs anyway,
+/// since its seccomp filter already allows no socket at all.
+fn attach_egress_filter(
+    cgroup: Option<&Cgroup>,
+    plan: EgressPlan,
+    log: Option<PathBuf>,
+) -> Result<Option<EgressWatch>, CreateError> {
+    let attached = cgroup
+        .and_then(Cgroup::egress_dir)
+        .ok_or_else(|| "this node has no cgroup2 hierarchy to attach it to".to_owned())
+        .and_then(|dir| EgressFilter::attach(dir, &plan.grants).map_err(|e| e.to_string()));
+    match attached {
+        Ok(filter) => Ok(Some(EgressWatch::start(filter, log, plan.counts))),
+        Err(reason) if plan.grants.is_empty() => {
+            log::info!(
+                "no egress filter ({reason}); the container has no network grant and no socket"
+            );
+            Ok(None)
+        }
+        Err(reason) if plan.allow_without => {
+            log::warn!(
+                "no egress filter ({reason}): its grants are checked by Wasmtime only (capabilities.allow_without_egress_filter = true)"
+            );
+            Ok(None)
+        }
+        Err(reason) => Err(CreateError::NodeUnfit(format!(
+            "bulwark.dev/network: the kernel's egress filter cannot be attached ({reason}), so a guest that escaped Wasmtime could connect anywhere the pod's network reaches: refused. Run a node with cgroup v2 and BPF, or set capabilities.allow_without_egress_filter = true in the node configuration"
+        ))),
     }
 }
 

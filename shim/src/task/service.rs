@@ -315,7 +315,7 @@ impl containerd_shim::Task for TaskService {
                 container.status = Phase::Running;
                 container.pid
             }
-            Kind::Wasm { gate } => {
+            Kind::Wasm { gate, .. } => {
                 // A pipe write of one byte: quick enough to do under the lock, which keeps
                 // the workload's exit from arriving before its container is Running.
                 let gate = gate.take().ok_or_else(|| {

@@ -8,6 +8,7 @@ use containerd_shim::protos::events::task::{TaskExit, TaskOOM};
 
 use crate::cgroup::{Cgroup, OomCount};
 use crate::container::native::NativeContainer;
+use crate::egress::watch::EgressWatch;
 use crate::process::workload::parent::Gated;
 
 use super::service::{TtrpcError, exit_event, not_found};
@@ -35,8 +36,12 @@ pub(super) struct Exit {
 pub(super) enum Kind {
     /// The pod sandbox: its holder process.
     Sandbox,
-    /// A Wasm workload, whose process waits at its gate until Start.
-    Wasm { gate: Option<Gated> },
+    /// A Wasm workload, whose process waits at its gate until Start, and the reading of
+    /// its egress filter (where one is attached) for as long as it lives.
+    Wasm {
+        gate: Option<Gated>,
+        _egress: Option<EgressWatch>,
+    },
     /// A native container (where the node allows them), run by runc.
     Native(NativeContainer),
 }

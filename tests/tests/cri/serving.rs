@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -103,6 +104,43 @@ impl ServingPod {
         let containers: Vec<&str> = self.containers.iter().map(String::as_str).collect();
         node.cri.tear_down(&self.id, &containers).await
     }
+}
+
+/// The directory in the unified (cgroup2) hierarchy of process `pid`: where the egress
+/// filter attaches (the container's cgroup on a v2 node, its twin on a hybrid one).
+fn unified_cgroup_dir(pid: u32) -> Result<PathBuf> {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?
+        .lines()
+        .find_map(|line| line.strip_prefix("0::").map(str::to_owned))
+        .context("no cgroup2 line")?;
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(Path::new)
+        .find(|root| root.join("cgroup.controllers").exists())
+        .context("no cgroup2 hierarchy")?;
+    Ok(root.join(own.trim_start_matches('/')))
+}
+
+/// Connects to `to` from a shell that first moves itself into the cgroup at `dir` (or, for
+/// `/proc/self`, stays where it is): Ok, or the shell's error.
+fn connect_from_cgroup(dir: &Path, to: SocketAddr) -> Result<Result<(), String>> {
+    let output = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#"if [ "$0" != /proc/self ]; then echo $$ > "$0/cgroup.procs" || exit 9; fi; exec 3<>"/dev/tcp/$1/$2""#)
+        .arg(dir)
+        .arg(to.ip().to_string())
+        .arg(to.port().to_string())
+        .output()?;
+    ensure!(
+        output.status.code() != Some(9),
+        "cannot join {}",
+        dir.display()
+    );
+    Ok(if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    })
 }
 
 fn serving_config() -> String {
@@ -294,7 +332,10 @@ async fn outbound_requests_reach_granted_addresses_only() -> Result<()> {
         &node,
         Format::Layer,
         "client",
-        &[("bulwark.dev/network", &grant)],
+        &[
+            ("bulwark.dev/network", &grant),
+            ("bulwark.dev/metrics", "9090"),
+        ],
         &[("client", 8080)],
     )
     .await?;
@@ -311,7 +352,74 @@ async fn outbound_requests_reach_granted_addresses_only() -> Result<()> {
         .get(8080, &format!("/fetch/{upstream_ip}:7081/"))
         .await?;
     assert_eq!((denied.status, denied.body.as_str()), (502, "error 15\n"));
+
+    // Below Wasmtime, the kernel holds the same line: a native process in the container's
+    // cgroup (as a guest that escaped the engine would be) connects to the grant and to
+    // nothing else, and the container's log names what it tried.
+    let pid = node.cri.container_pid(&pod.containers[0]).await?;
+    let egress_dir = unified_cgroup_dir(pid)?;
+    let answering = listen_in(
+        std::path::Path::new(&netns),
+        SocketAddr::new(upstream_ip, 7080),
+    )?;
+    assert_eq!(
+        connect_from_cgroup(&egress_dir, SocketAddr::new(upstream_ip, 7080))?,
+        Ok(()),
+        "the grant, from the container's cgroup"
+    );
+    drop(answering);
+    let refused = connect_from_cgroup(&egress_dir, SocketAddr::new(upstream_ip, 7081))?;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|error| error.contains("Operation not permitted")),
+        "{refused:?}"
+    );
+    // The same connect from outside the cgroup is only refused by the upstream (nothing
+    // listens there): what refused it above was the filter.
+    let outside = connect_from_cgroup(Path::new("/proc/self"), SocketAddr::new(upstream_ip, 7081))?;
+    assert!(
+        outside
+            .as_ref()
+            .is_err_and(|error| error.contains("Connection refused")),
+        "{outside:?}"
+    );
+    let wanted = format!("egress denied by the kernel: tcp connect to {upstream_ip}:7081");
+    let mut logged = Vec::new();
+    for _ in 0..50 {
+        logged = pod.stderr(&node, 0).await?;
+        if logged.iter().any(|line| line.contains(&wanted)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        logged.iter().any(|line| line.contains(&wanted)),
+        "{logged:?}"
+    );
+    // Every attempt is counted for the pod: the guest's two through Wasmtime (the grant
+    // and, refused by Wasmtime before any socket, nothing) and the native ones.
+    let metrics = pod.get(9090, "/metrics").await?.body;
+    let count = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("bulwark_egress_total{verdict=\"allowed\"}") >= 2,
+        "{metrics}"
+    );
+    assert!(
+        count("bulwark_egress_total{verdict=\"denied\"}") >= 1,
+        "{metrics}"
+    );
     pod.remove(&node).await?;
+    assert!(
+        !egress_dir.exists(),
+        "{} (and the filter on it) outlived the pod",
+        egress_dir.display()
+    );
     node.cri.stop_pod(&upstream_id).await?;
     node.cri.remove_pod(&upstream_id).await?;
     node.finish().await

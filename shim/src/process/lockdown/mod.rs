@@ -70,6 +70,19 @@ pub fn lock_down(confinement: &Confinement) -> Result<()> {
     Ok(())
 }
 
+/// Tokio makes a pair of UNIX sockets for its signal driver the first time a runtime with
+/// I/O is built in a process (WASI preview 2 and the HTTP server build one), and keeps it
+/// for the process's life. Made here, before the filter, the pair exists already, and the
+/// filter allows no socket but TCP (none at all without a network grant). Only the workload
+/// needs it: the compile step runs no Tokio, and is born refusing every socket.
+pub fn warm_tokio_signals() -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("cannot start an I/O runtime before lock-down")?;
+    Ok(())
+}
+
 fn set_no_new_privs() -> Result<()> {
     // SAFETY: plain prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {

@@ -210,10 +210,6 @@ pub fn filter(needs: Needs, pid: libc::pid_t) -> Result<BpfProgram, SeccompError
         libc::SYS_prctl,
         one_of(0, &mut PRCTL_OPTIONS.iter().map(|&o| o as u64))?,
     );
-    // A connected pair of AF_UNIX sockets reaches nothing but itself; Tokio (under WASI
-    // preview 2 and the HTTP server) makes one for its signal driver when a runtime starts.
-    let unix = rule(vec![arg(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?;
-    rules.insert(libc::SYS_socketpair, vec![unix]);
     if network {
         // TCP over IPv4 or IPv6 (the type may carry SOCK_NONBLOCK and SOCK_CLOEXEC).
         let stream = libc::SOCK_STREAM as u64;

@@ -14,7 +14,7 @@ use bulwark_runtime::serve::Listeners;
 use bulwark_runtime::{Runtime, RuntimeOptions};
 
 use crate::process::lockdown::seccomp::Needs;
-use crate::process::lockdown::{Confinement, lock_down};
+use crate::process::lockdown::{Confinement, lock_down, warm_tokio_signals};
 
 use super::{
     ARTIFACT_FD, FIRST_PREOPEN_FD, LOCKDOWN_PROBE_ENV, LoadReport, Plan, REPORT_FD,
@@ -36,9 +36,9 @@ pub fn main(plan_path: &Path) -> i32 {
 
 /// What the workload runs: a program to its end, or a wasi:http service.
 enum Loaded {
-    Program(bulwark_runtime::run::Loaded),
+    Program(Box<bulwark_runtime::run::Loaded>),
     Service(
-        bulwark_runtime::serve::Service,
+        Box<bulwark_runtime::serve::Service>,
         bulwark_runtime::serve::Listeners,
     ),
 }
@@ -75,6 +75,14 @@ fn run(plan_path: &Path) -> Result<i32> {
         )?),
         false => None,
     };
+    let egress_counts = match plan.egress_counts {
+        true => Some(File::from(inherited(
+            FIRST_PREOPEN_FD + plan.preopens.len() as RawFd + RawFd::from(plan.termination_log),
+            "the egress counters",
+        )?)),
+        false => None,
+    };
+    warm_tokio_signals()?;
     lock_down(&Confinement {
         dirs: preopens
             .iter()
@@ -109,6 +117,7 @@ fn run(plan_path: &Path) -> Result<i32> {
             })
             .collect(),
         inherit_stdio: true,
+        egress_counts: egress_counts.map(std::sync::Arc::new),
     };
     let report = Report {
         // The very file kubelet made: its path on the host may not be ours to walk.
@@ -156,13 +165,13 @@ fn load(plan: &Plan) -> Result<Loaded, LoadError> {
         let program = runtime
             .load_artifact(&plan.policy, &artifact)
             .map_err(named)?;
-        return Ok(Loaded::Program(program));
+        return Ok(Loaded::Program(Box::new(program)));
     }
     let service = runtime
         .load_service(&plan.policy, &artifact)
         .map_err(named)?;
     let listeners = Listeners::bind(service.serving()).map_err(named)?;
-    Ok(Loaded::Service(service, listeners))
+    Ok(Loaded::Service(Box::new(service), listeners))
 }
 
 impl LoadError {

@@ -64,7 +64,7 @@ pub enum LoadReport {
 /// What the workload process tries right after locking itself down, colon-separated,
 /// reporting each on stderr: paths to open for reading from the host side, `>PATH` to
 /// create or write, and `@NAME` for system calls: `socket` (an IPv4 TCP socket),
-/// `socket-unix`, `socket-netlink`, `fork`, `unshare`, `ptrace`, and `kill-PID` and
+/// `socket-unix`, `socket-netlink`, `socketpair`, `fork`, `unshare`, `ptrace`, and `kill-PID` and
 /// `tgkill-PID` (signal 0 to process PID).
 /// It is the test of the lock-down: a stand-in for a bug in the engine that would let a
 /// guest reach past it. It only ever reports whether an attempt succeeded.
@@ -100,6 +100,10 @@ pub struct Plan {
     /// Whether kubelet mounted a termination-message file (it arrives, opened for writing,
     /// after the preopened directories).
     pub termination_log: bool,
+    /// Whether the shim passes the egress counters (read-only, after the
+    /// termination-message file; see `bulwark_runtime::run::Workload::egress_counts`).
+    #[serde(default)]
+    pub egress_counts: bool,
     /// The container's user.
     pub user: User,
 }

@@ -31,6 +31,8 @@ pub struct Launch {
     pub preopens: Vec<File>,
     /// The termination-message file kubelet made, open for writing.
     pub termination_log: Option<File>,
+    /// The egress counters the shim keeps current, open read-only (serving workloads).
+    pub egress_counts: Option<File>,
     /// The namespaces to join (with a path) or to get anew (without).
     pub namespaces: Vec<Namespace>,
 }
@@ -67,6 +69,7 @@ impl Launch {
         ];
         inherited.extend(self.preopens.into_iter().map(OwnedFd::from));
         inherited.extend(self.termination_log.map(OwnedFd::from));
+        inherited.extend(self.egress_counts.map(OwnedFd::from));
         let parent = std::process::id() as libc::pid_t;
         let mut command = Command::new(exe);
         command.arg0("bulwark-workload");

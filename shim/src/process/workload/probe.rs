@@ -64,6 +64,16 @@ fn probe_syscall(name: &str) -> std::io::Result<()> {
             "socket" => socket(libc::AF_INET, libc::SOCK_STREAM),
             "socket-unix" => socket(libc::AF_UNIX, libc::SOCK_STREAM),
             "socket-netlink" => socket(libc::AF_NETLINK, libc::SOCK_RAW),
+            "socketpair" => {
+                let mut pair = [0; 2];
+                check(
+                    libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) as i64,
+                )
+                .map(|_| {
+                    libc::close(pair[0]);
+                    libc::close(pair[1]);
+                })
+            }
             "fork" => check(libc::fork() as i64).map(|pid| {
                 if pid == 0 {
                     libc::_exit(0);
