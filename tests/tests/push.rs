@@ -144,3 +144,52 @@ fn pushes_to_a_registry_that_wants_credentials() -> Result<()> {
     );
     Ok(())
 }
+
+/// A stand-in registry: answers every request on `listener` with `response`, in a thread
+/// that lives as long as the test process.
+fn answer_all(listener: std::net::TcpListener, response: String) {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        while let Ok((mut stream, _)) = listener.accept() {
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+}
+
+#[test]
+fn credentials_never_go_to_a_plain_http_token_service_the_registry_names() -> Result<()> {
+    let token_service = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let realm = format!("http://{}/token", token_service.local_addr()?);
+    let registry = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let registry_address = registry.local_addr()?;
+    let challenge = format!(
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"test\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    answer_all(registry, challenge);
+    token_service.set_nonblocking(true)?;
+    let home = tempfile::tempdir()?;
+    let output = push(
+        &format!("{registry_address}/hostile/hello:v1"),
+        home.path(),
+        &["--username", USER, "--password-stdin"],
+        PASSWORD,
+    )?;
+    ensure!(!output.status.success(), "pushed: {}", stderr(&output));
+    ensure!(
+        stderr(&output)
+            .contains("is neither https nor the registry itself: credentials are not sent there"),
+        "{}",
+        stderr(&output)
+    );
+    ensure!(
+        token_service.accept().is_err(),
+        "the plain-http token service was contacted"
+    );
+    Ok(())
+}

@@ -211,6 +211,15 @@ pub fn push(
     let mut session = Session {
         agent: ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A registry that stops answering must not hang the push: no read or write
+            // may stall longer than this (a big layer still uploads, chunk by chunk).
+            .timeout_connect(Some(HTTP_CONNECT_TIMEOUT))
+            .timeout_per_read(Some(HTTP_STALL_TIMEOUT))
+            .timeout_per_write(Some(HTTP_STALL_TIMEOUT))
+            .timeout_recv_response(Some(HTTP_STALL_TIMEOUT))
+            // Credentials are sent only where this code decides (see `send_once` and
+            // `authorize`), never to where a redirect points.
+            .max_redirects(0)
             .build()
             .into(),
         base: base.clone(),
@@ -233,6 +242,22 @@ pub fn push(
     )?;
     session.expect(response, "PUT", &url, &[201])?;
     Ok(image.manifest.descriptor.digest.clone())
+}
+
+/// How long connecting to a registry (or its token service) may take.
+const HTTP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a registry may leave a request without progress (no byte read or written).
+const HTTP_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Whether Basic credentials may go to a token service at `realm` for a registry at `base`
+/// (`scheme://host[:port]`): over TLS, or to the registry itself (an `--insecure` local
+/// registry's own token endpoint). A registry names its realm, so a hostile or spoofed one
+/// could otherwise ask for the user's password in the clear, or at a host of its choosing.
+fn may_send_credentials(realm: &str, base: &str) -> bool {
+    realm.starts_with("https://")
+        || realm
+            .strip_prefix(base)
+            .is_some_and(|path| path.starts_with('/'))
 }
 
 /// Requests to one registry for one repository, answering its authentication challenges.
@@ -336,6 +361,14 @@ impl Session<'_> {
             request = request.query("service", service);
         }
         if let Some(credentials) = self.credentials {
+            if !may_send_credentials(realm, &self.base) {
+                return Err(PushError::Challenge {
+                    registry: registry.clone(),
+                    message: format!(
+                        "its token service {realm} is neither https nor the registry itself: credentials are not sent there"
+                    ),
+                });
+            }
             request = request.header("Authorization", &credentials.basic());
         }
         let response = request
@@ -496,6 +529,23 @@ mod tests {
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn credentials_go_only_over_tls_or_to_the_registry_itself() {
+        let base = "http://127.0.0.1:5000";
+        assert!(may_send_credentials("https://auth.example.com/token", base));
+        assert!(may_send_credentials("http://127.0.0.1:5000/token", base));
+        assert!(!may_send_credentials("http://auth.example.com/token", base));
+        assert!(!may_send_credentials("http://127.0.0.1:50000/token", base));
+        assert!(!may_send_credentials(
+            "http://127.0.0.1:5000.evil.com/token",
+            base
+        ));
+        assert!(!may_send_credentials(
+            "ftp://x/token",
+            "https://r.example.com"
+        ));
     }
 
     #[test]
