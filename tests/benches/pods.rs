@@ -454,7 +454,37 @@ async fn first_response(node: &Node) -> Result<()> {
     );
     println!();
     node.wait_no_shims().await?;
-    python_first_answer(node).await
+    python_first_answer(node).await?;
+    hostile_clients(node).await
+}
+
+/// The CPython service under attack (`bulwark_tests::attack`): what its normal clients get
+/// while slow and non-reading clients try to hold it, with the node's `[serving]` defaults.
+async fn hostile_clients(node: &Node) -> Result<()> {
+    let image = node.push_component("pyhttp", Format::Layer)?;
+    node.cri.pull(&image).await?;
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], 18_400));
+    let pod = PodSpec::new("bench-python-attacked")
+        .runtime_handler(BULWARK)
+        .annotation("bulwark.dev/listen", address.to_string())
+        .annotation("bulwark.dev/concurrency", "4")
+        .annotation("bulwark.dev/timeout", "5s");
+    let container = ContainerSpec::new("app", image).memory_limit(512 << 20);
+    let pod_id = node.cri.run_pod(&pod).await?;
+    let id = node.cri.create_container(&pod_id, &pod, &container).await?;
+    start_container(&node.cri, &id).await?;
+    first_200(address, Instant::now()).await?;
+    let figures = tokio::task::spawn_blocking(move || {
+        bulwark_tests::attack::attack(address, Duration::from_secs(8))
+    })
+    .await??;
+    println!(
+        "### Hostile clients: the CPython service (concurrency 4, timeout 5s, 512Mi, [serving] defaults: head_timeout 10s, 80 connections)"
+    );
+    println!("{figures}");
+    println!();
+    node.cri.tear_down(&pod_id, &[&id]).await?;
+    Ok(())
 }
 
 /// Rounds of the Python component's first answer, cold and warm each.

@@ -12,6 +12,7 @@
 
 use std::path::PathBuf;
 
+pub mod attack;
 pub mod http;
 pub mod socket_guest;
 

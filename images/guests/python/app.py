@@ -3,6 +3,8 @@
 GET /           -> 200 "hello from python"
 GET /loop       -> runs forever (a deadline or fuel ends it)
 GET /grow/MB    -> holds MB megabytes (a memory limit ends it), then 200
+GET /big/MB     -> a body of MB megabytes (a client that never reads it leaves the handler
+                   blocked in the host until its deadline)
 anything else   -> 404
 """
 
@@ -38,5 +40,16 @@ class IncomingHandler(exports.IncomingHandler):
         elif path.startswith("/grow/"):
             held = bytearray(int(path[len("/grow/"):]) << 20)
             respond(response_out, 200, f"held {len(held) >> 20} MiB\n")
+        elif path.startswith("/big/"):
+            size = int(path[len("/big/"):]) << 20
+            response = OutgoingResponse(Fields.from_list([("content-type", b"text/plain")]))
+            response.set_status_code(200)
+            body = response.body()
+            ResponseOutparam.set(response_out, Ok(response))
+            chunk = b"x" * 4096
+            with body.write() as stream:
+                for _ in range(size // len(chunk)):
+                    stream.blocking_write_and_flush(chunk)
+            OutgoingBody.finish(body, None)
         else:
             respond(response_out, 404, "not found\n")

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use bulwark_tests::attack::{AttackFigures, SLOW_CONNECTIONS, attack};
 use bulwark_tests::harness::containerd;
 use bulwark_tests::harness::cri::{ContainerSpec, PodSpec, SecurityContext};
 use bulwark_tests::harness::network::listen_in;
@@ -578,5 +579,57 @@ async fn a_python_service_holds_its_memory_limit_from_a_cold_node_and_a_warm_one
             );
         }
     }
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_service_keeps_answering_while_hostile_clients_attack() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node =
+        Node::start_with(NodeOptions::new(suite_containerd().await?, FRESH_NODE).pod_network())
+            .await?;
+    let pod = ServingPod::start_component(
+        &node,
+        "pyhttp",
+        Format::Layer,
+        "attacked",
+        &[
+            ("bulwark.dev/concurrency", "4"),
+            ("bulwark.dev/timeout", "5s"),
+            ("bulwark.dev/metrics", "9090"),
+        ],
+        &[("app", 8080)],
+        Some(PYTHON_LIMIT),
+    )
+    .await?;
+    let address = SocketAddr::new(pod.ip, 8080);
+    // The stuck clients are watched for 8 s: past their 5 s deadline and its grace.
+    let figures =
+        tokio::task::spawn_blocking(move || attack(address, Duration::from_secs(8))).await??;
+    eprintln!("Python service, concurrency 4, timeout 5s, through CRI:\n{figures}");
+    let AttackFigures {
+        slowloris,
+        slow_closed,
+        after_stuck,
+        ..
+    } = figures;
+    ensure!(
+        slowloris.failed == 0 && slowloris.answered > 0 && slowloris.p99 < Duration::from_secs(3),
+        "normal clients during slowloris: {slowloris}"
+    );
+    ensure!(
+        slow_closed >= SLOW_CONNECTIONS * 9 / 10,
+        "only {slow_closed}/{SLOW_CONNECTIONS} slow connections closed within 60 s"
+    );
+    ensure!(
+        after_stuck.failed == 0 && after_stuck.answered > 0,
+        "after the stuck clients' deadline: {after_stuck}"
+    );
+    let metrics = pod.get(9090, "/metrics").await?.body;
+    ensure!(
+        metrics.contains("bulwark_connections_total{event=\"response_deadline\"}"),
+        "{metrics}"
+    );
+    pod.remove(&node).await?;
     node.finish().await
 }
