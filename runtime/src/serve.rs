@@ -544,7 +544,12 @@ async fn accept_until_stopped(
                     tokio::select! {
                         ended = watched => {
                             if let Err(error) = ended {
-                                shared.metrics.connection(connection_end(&error));
+                                let event = if client.cut_at_deadline.load(Ordering::Relaxed) {
+                                    "response_deadline"
+                                } else {
+                                    connection_end(&error)
+                                };
+                                shared.metrics.connection(event);
                             }
                         }
                         // Pushed out by a newer connection while it only waited: dropped,
@@ -603,7 +608,7 @@ async fn handle(
                     inner: body,
                     left: max_body,
                 });
-                run_request(&shared, request, deadline, &what, slot).await
+                run_request(&shared, &client, request, deadline, &what, slot).await
             }
             None => busy_response(&shared, &what),
         },
@@ -673,6 +678,7 @@ async fn acquire(
 /// Runs the guest's handler for `request` in a fresh instance.
 async fn run_request(
     shared: &Arc<Shared>,
+    client: &Arc<ClientConnection>,
     request: Request<CappedBody>,
     deadline: Option<Instant>,
     what: &str,
@@ -740,7 +746,7 @@ async fn run_request(
             // still holds: a guest stuck writing to a client that does not read is ended
             // with it, freeing its slot (and the connection's writes stop then too: see
             // [`Deadlined`]).
-            let (shared, what) = (shared.clone(), what.to_owned());
+            let (shared, what, client) = (shared.clone(), what.to_owned(), client.clone());
             tokio::spawn(async move {
                 let mut task = task;
                 let outcome = match (deadline, shared.limits.timeout.clone()) {
@@ -749,6 +755,7 @@ async fn run_request(
                             Ok(joined) => joined.ok().flatten(),
                             Err(_) => {
                                 task.abort();
+                                client.cut_at_deadline.store(true, Ordering::Relaxed);
                                 Some(Outcome::DeadlineExceeded(timeout))
                             }
                         }
@@ -913,23 +920,14 @@ impl AcceptBackoff {
     }
 }
 
-/// What ended a connection with an error, for `bulwark_connections_total{event}`.
+/// What ended a connection with an error, for `bulwark_connections_total{event}` (one whose
+/// response was cut at its deadline says so itself: [`ClientConnection::cut_at_deadline`]).
 fn connection_end(error: &hyper::Error) -> &'static str {
     if error.is_timeout() {
         return "head_timeout";
     }
     if error.is_parse_too_large() {
         return "head_too_large";
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return "response_deadline";
-        }
-        source = cause.source();
     }
     if error.is_parse() {
         return "malformed";
@@ -1013,6 +1011,9 @@ struct ClientConnection {
     evict: tokio::sync::Notify,
     /// Its task ended.
     closed: std::sync::atomic::AtomicBool,
+    /// A response of its was cut off at its request's deadline (the guest's handler ended,
+    /// or writing to a client that did not read stopped).
+    cut_at_deadline: std::sync::atomic::AtomicBool,
 }
 
 impl ClientConnection {
@@ -1114,6 +1115,7 @@ impl Deadlined {
             )))
         };
         if Instant::now() >= deadline {
+            self.client.cut_at_deadline.store(true, Ordering::Relaxed);
             return passed();
         }
         let timer = match &mut self.timer {
@@ -1124,7 +1126,10 @@ impl Deadlined {
             }
         };
         match timer.as_mut().poll(context) {
-            std::task::Poll::Ready(()) => passed(),
+            std::task::Poll::Ready(()) => {
+                self.client.cut_at_deadline.store(true, Ordering::Relaxed);
+                passed()
+            }
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
     }

@@ -50,7 +50,9 @@ check "the rendered node configuration is one Bulwark accepts" node_config_accep
 check "custom node configuration is one Bulwark accepts" node_config_accepted \
     --set defaults.fuel=5000000 --set defaults.timeout=10m --set capabilities.allowNative=true \
     --set defaults.concurrency=10 --set ceilings.concurrency=50 \
-    --set compile.memory=4Gi --set compile.concurrency=1 --set compile.moduleSize=64Mi
+    --set compile.memory=4Gi --set compile.concurrency=1 --set compile.moduleSize=64Mi \
+    --set-json 'ceilings.network=["10.0.0.0/8:443","[fd00::]/8:8000-8099"]' \
+    --set serving.headTimeout=5s --set serving.connections=200 --set serving.maxBodySize=1Mi
 installer_args() { # wanted-grep-status, values...
     local wanted=$1; shift
     render "$@" --show-only templates/daemonset.yaml > "$work/ds.yaml"
@@ -141,6 +143,8 @@ refuses "a zero concurrency is rejected" "ceilings.concurrency" render --set cei
 refuses "a malformed compile memory is rejected" "compile.memory" render --set compile.memory=plenty
 refuses "a zero compile concurrency is rejected" "compile.concurrency" render --set compile.concurrency=0
 refuses "an unknown value is rejected" "typo" render --set typo=1
+refuses "a malformed network ceiling is rejected" "ceilings.network" render --set-json 'ceilings.network=["db.local:5432"]'
+refuses "a zero connection cap is rejected" "serving.connections" render --set serving.connections=0
 refuses "a relative containerd path is rejected" "containerd.configPath" render --set containerd.configPath=etc/config.toml
 for manifest in k8s/*.yaml; do
     case "$manifest" in

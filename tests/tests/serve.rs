@@ -475,16 +475,35 @@ fn hostile_clients_get_only_what_the_node_allows() {
         "idle keep-alive"
     );
 
-    // Open connections are capped: one over the cap is closed at once, not queued.
-    let held: Vec<TcpStream> = (0..24).map(|_| send(address, b"")).collect();
+    // Open connections are capped. At the cap, a new connection pushes out the oldest one
+    // that only waits, so slow clients cannot lock the others out...
+    let mut held: Vec<TcpStream> = (0..24).map(|_| send(address, b"")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut newcomer = send(
+        address,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status_line(&mut newcomer), "HTTP/1.1 200 OK");
+    assert!(
+        closed_within(&mut held[0], Duration::from_millis(700)),
+        "the oldest waiting connection was not pushed out"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    // ...and when every one is in the middle of a request, a new one is closed at once,
+    // never queued.
+    let busy: Vec<TcpStream> = (0..24)
+        .map(|_| send(address, b"GET /sleep/1500 HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut over = send(address, b"");
     assert!(
         closed_within(&mut over, Duration::from_millis(700)),
-        "a connection over the cap was kept"
+        "a connection over the cap was kept while every one was busy"
     );
-    drop(held);
-    std::thread::sleep(Duration::from_millis(300));
+    drop(busy);
+    // The sleeping requests give their slots back.
+    std::thread::sleep(Duration::from_millis(2000));
 
     // Oversized heads get 431, oversized bodies 413.
     let mut big_head = send(
@@ -536,6 +555,10 @@ fn hostile_clients_get_only_what_the_node_allows() {
     );
     assert!(
         count("bulwark_connections_total{event=\"refused\"}") >= 1,
+        "{text}"
+    );
+    assert!(
+        count("bulwark_connections_total{event=\"pushed_out\"}") >= 1,
         "{text}"
     );
     assert!(

@@ -40,9 +40,10 @@ for line in sys.stdin:
 # CI's choice, per setup. On cgroup v2 with the systemd driver, what most production nodes
 # run: the tests whose outcome depends on the hierarchy and driver (a pod's placement,
 # kubelet's limits and the stats read back, an OOM score, the cleanup of a killed shim), a
-# restricted pod's user, and an OOM kill reported as OOMKilled (systemd removes the scope
-# before the shim reads it). On the other two: a pod's placement and cleanup, and the
-# limits and stats read back.
+# restricted pod's user, an OOM kill reported as OOMKilled (systemd removes the scope
+# before the shim reads it), and the kernel's egress filter on the container's cgroup. On
+# the other two: a pod's placement and cleanup, the limits and stats read back, and the
+# egress filter (on the hybrid node, on the scope's twin in its cgroup2 hierarchy).
 V2_SYSTEMD_TESTS=(
     a_wasm_pod_runs_and_its_output_reaches_the_log
     limits_fire_with_their_exit_code_and_reason
@@ -51,10 +52,12 @@ V2_SYSTEMD_TESTS=(
     isolation::kubelets_oom_score_and_rlimits_reach_the_workload_as_runcs_process
     isolation::restricted_and_non_root_pods_run_as_their_user_with_nothing_else
     big_modules::a_workload_that_outgrows_its_container_ends_oomkilled_as_in_runc
+    serving::outbound_requests_reach_granted_addresses_only
 )
 OTHER_TESTS=(
     a_wasm_pod_runs_and_its_output_reaches_the_log
     running_containers_stop_report_stats_and_refuse_exec
+    serving::outbound_requests_reach_granted_addresses_only
 )
 
 # A run that hangs is killed long before CI's limit.
