@@ -1100,23 +1100,22 @@ impl Deadlined {
         }
     }
 
-    /// `Ready(Err)` once the deadline has passed; otherwise a wake-up at the deadline.
-    fn poll_deadline(
-        &mut self,
-        context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    /// The error of a write past the deadline, recorded on the connection.
+    fn cut(&self) -> std::io::Error {
+        self.client.cut_at_deadline.store(true, Ordering::Relaxed);
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the request's deadline passed while its response was being written",
+        )
+    }
+
+    /// Whether the deadline has passed; if not, a wake-up is set for it.
+    fn deadline_passed(&mut self, context: &mut std::task::Context<'_>) -> bool {
         let Some(deadline) = self.client.write_deadline() else {
-            return std::task::Poll::Pending;
-        };
-        let passed = || {
-            std::task::Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the request's deadline passed while its response was being written",
-            )))
+            return false;
         };
         if Instant::now() >= deadline {
-            self.client.cut_at_deadline.store(true, Ordering::Relaxed);
-            return passed();
+            return true;
         }
         let timer = match &mut self.timer {
             Some((at, timer)) if *at == deadline => timer,
@@ -1125,16 +1124,11 @@ impl Deadlined {
                 &mut self.timer.insert((deadline, timer)).1
             }
         };
-        match timer.as_mut().poll(context) {
-            std::task::Poll::Ready(()) => {
-                self.client.cut_at_deadline.store(true, Ordering::Relaxed);
-                passed()
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
+        timer.as_mut().poll(context).is_ready()
     }
 
-    /// A write (or flush) that gives up at the deadline.
+    /// A write (or flush) that gives up at the deadline: at once when it has passed, or
+    /// when it comes while the write waits for a client that does not read.
     fn bounded<T>(
         &mut self,
         context: &mut std::task::Context<'_>,
@@ -1149,15 +1143,10 @@ impl Deadlined {
             .write_deadline()
             .is_some_and(|deadline| Instant::now() >= deadline)
         {
-            return self
-                .poll_deadline(context)
-                .map_ok(|()| unreachable!("the deadline passed"));
+            return Poll::Ready(Err(self.cut()));
         }
         match write(std::pin::Pin::new(&mut self.stream), context) {
-            Poll::Pending => match self.poll_deadline(context) {
-                Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-                _ => Poll::Pending,
-            },
+            Poll::Pending if self.deadline_passed(context) => Poll::Ready(Err(self.cut())),
             done => done,
         }
     }
