@@ -149,3 +149,11 @@ mod tests {
         assert!(parse(b"").is_err());
     }
 }
+
+/// The value of one series (`name{labels}` as written) in Prometheus text, or 0 when the
+/// text does not have it.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}

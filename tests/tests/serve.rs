@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use bulwark_tests::harness::node::bulwark_binary;
-use bulwark_tests::http::{HttpResponse, get, wait_listening};
+use bulwark_tests::http::{HttpResponse, get, metric, wait_listening};
 use tempfile::TempDir;
 
 const REQUEST: Duration = Duration::from_secs(20);
@@ -544,11 +544,7 @@ fn hostile_clients_get_only_what_the_node_allows() {
     drop(stuck);
 
     let text = get(metrics, "/metrics", REQUEST).unwrap().body;
-    let count = |series: &str| -> u64 {
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let count = |series: &str| metric(&text, series);
     assert!(
         count("bulwark_connections_total{event=\"head_timeout\"}") >= 17,
         "{text}"

@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
@@ -226,8 +226,11 @@ pub enum EgressError {
 /// counters and denial reports. Dropping it leaves the programs attached (see the module
 /// doc); the kernel removes them with the cgroup.
 pub struct EgressFilter {
-    /// Keeps the program fds for [`EgressFilter::detach`] (the attachment needs none).
-    ebpf: Ebpf,
+    /// The programs' fds, in [`PROGRAMS`]' order, for [`EgressFilter::detach`] (the
+    /// attachment needs none). The loaded object itself is not kept: a shim holds a filter
+    /// for as long as its container lives, and the object's parsed form is most of what
+    /// loading left in memory.
+    programs: Vec<OwnedFd>,
     cgroup: File,
     cgroup_dir: PathBuf,
     /// Held, not used after attach: a later grant change would write here. (Dropping it
@@ -263,12 +266,9 @@ impl EgressFilter {
         // Without the kernel's BTF: the programs read no kernel structure (no CO-RE
         // relocation to make). aya 0.14's `EbpfLoader::new` still parses vmlinux's BTF
         // before it can be told not to: a transient ~19 MiB, handed back to the system
-        // right after (below). Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK:
-        // raise it first there.
-        let loaded = EbpfLoader::new().btf(None).load(object());
-        // SAFETY: malloc_trim only returns free heap pages to the kernel.
-        unsafe { libc::malloc_trim(0) };
-        let mut ebpf = loaded?;
+        // once the object is dropped (below). Kernels before 5.11 charge BPF memory to
+        // RLIMIT_MEMLOCK: raise it first there.
+        let mut ebpf = EbpfLoader::new().btf(None).load(object())?;
 
         // Load (verify) all four before attaching any: a rejected program attaches nothing.
         // This comes before take_map on purpose: Ebpf::load already wrote the maps' fd
@@ -298,22 +298,35 @@ impl EgressFilter {
         let counts = Array::try_from(map(&mut ebpf, COUNTS)?).map_err(map_error(COUNTS))?;
         let events = RingBuf::try_from(map(&mut ebpf, EVENTS)?).map_err(map_error(EVENTS))?;
 
+        let programs = PROGRAMS
+            .iter()
+            .map(|&(name, _)| {
+                program_fd(&ebpf, name)?
+                    .try_clone_to_owned()
+                    .map_err(|source| EgressError::Program {
+                        program: name,
+                        source: ProgramError::IOError(source),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(ebpf);
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe { libc::malloc_trim(0) };
         let filter = EgressFilter {
-            ebpf,
+            programs,
             cgroup,
             cgroup_dir: cgroup_dir.to_owned(),
             _grants: grant_map,
             counts,
             events,
         };
-        for (index, (name, attach_type)) in PROGRAMS.into_iter().enumerate() {
-            let result = filter.program_fd(name).and_then(|prog| {
-                prog_attach(BPF_PROG_ATTACH, prog, filter.cgroup.as_fd(), attach_type)
-                    .map_err(|source| filter.attach_error("attach", name, source))
-            });
+        for (index, &(name, attach_type)) in PROGRAMS.iter().enumerate() {
+            let program = filter.programs[index].as_fd();
+            let result = prog_attach(BPF_PROG_ATTACH, program, filter.cgroup.as_fd(), attach_type)
+                .map_err(|source| filter.attach_error("attach", name, source));
             if let Err(error) = result {
-                for &(name, attach_type) in &PROGRAMS[..index] {
-                    if let Err(detach) = filter.detach_one(name, attach_type) {
+                for earlier in 0..index {
+                    if let Err(detach) = filter.detach_one(earlier) {
                         log::warn!("rolling back the egress filter: {detach}");
                     }
                 }
@@ -364,35 +377,24 @@ impl EgressFilter {
     /// Takes the programs off the cgroup (not needed when the cgroup is being removed).
     pub fn detach(self) -> Result<(), EgressError> {
         let mut first = None;
-        for (name, attach_type) in PROGRAMS {
-            if let Err(error) = self.detach_one(name, attach_type) {
+        for index in 0..PROGRAMS.len() {
+            if let Err(error) = self.detach_one(index) {
                 first.get_or_insert(error);
             }
         }
         first.map_or(Ok(()), Err)
     }
 
-    fn detach_one(&self, name: &'static str, attach_type: u32) -> Result<(), EgressError> {
-        let prog = self.program_fd(name)?;
-        prog_attach(BPF_PROG_DETACH, prog, self.cgroup.as_fd(), attach_type)
-            .map_err(|source| self.attach_error("detach", name, source))
-    }
-
-    fn program_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>, EgressError> {
-        let program: &CgroupSockAddr = self
-            .ebpf
-            .program(name)
-            .ok_or(EgressError::Missing(name))?
-            .try_into()
-            .map_err(|source| EgressError::Program {
-                program: name,
-                source,
-            })?;
-        let fd = program.fd().map_err(|source| EgressError::Program {
-            program: name,
-            source,
-        })?;
-        Ok(fd.as_fd())
+    /// Takes program `index` (of [`PROGRAMS`]) off the cgroup.
+    fn detach_one(&self, index: usize) -> Result<(), EgressError> {
+        let (name, attach_type) = PROGRAMS[index];
+        prog_attach(
+            BPF_PROG_DETACH,
+            self.programs[index].as_fd(),
+            self.cgroup.as_fd(),
+            attach_type,
+        )
+        .map_err(|source| self.attach_error("detach", name, source))
     }
 
     fn attach_error(
@@ -415,6 +417,23 @@ impl AsRawFd for EgressFilter {
     fn as_raw_fd(&self) -> RawFd {
         self.events.as_raw_fd()
     }
+}
+
+/// The fd of the loaded program `name` of `ebpf`.
+fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, EgressError> {
+    let program: &CgroupSockAddr = ebpf
+        .program(name)
+        .ok_or(EgressError::Missing(name))?
+        .try_into()
+        .map_err(|source| EgressError::Program {
+            program: name,
+            source,
+        })?;
+    let fd = program.fd().map_err(|source| EgressError::Program {
+        program: name,
+        source,
+    })?;
+    Ok(fd.as_fd())
 }
 
 fn program<'a>(
