@@ -172,6 +172,19 @@ impl Cgroup {
         let mut cgroup = Cgroup::locate(cgroups_path)?;
         cgroup.resources = *resources;
         if cgroup.scope.is_none() {
+            // A hybrid node's cgroup2 twin is only where the egress filter attaches: one
+            // that cannot be made means no filter (containers with grants are then refused,
+            // see task::create), not a node that runs no pod at all.
+            if !cgroup.unified
+                && let Some(twin) = cgroup.egress_dir.clone()
+                && let Err(error) = fs::create_dir_all(&twin)
+            {
+                log::warn!(
+                    "cannot create {} for the egress filter: {error}",
+                    twin.display()
+                );
+                cgroup.egress_dir = None;
+            }
             for dir in cgroup.own_dirs() {
                 fs::create_dir_all(dir).map_err(io(dir, "create"))?;
             }

@@ -175,7 +175,9 @@ fn attach_egress_filter(
 ) -> Result<Option<EgressWatch>, CreateError> {
     let attached = cgroup
         .and_then(Cgroup::egress_dir)
-        .ok_or_else(|| "this node has no cgroup2 hierarchy to attach it to".to_owned())
+        .ok_or_else(|| {
+            "the container has no cgroup in a cgroup2 hierarchy to attach it to".to_owned()
+        })
         .and_then(|dir| EgressFilter::attach(dir, &plan.grants).map_err(|e| e.to_string()));
     match attached {
         Ok(filter) => Ok(Some(EgressWatch::start(filter, log, plan.counts))),
@@ -222,4 +224,40 @@ fn create_native(
         .and_then(|path| Cgroup::locate(path).ok());
     log::info!("native container {id} created by runc, pid {init_pid}");
     Ok((Kind::Native(container), init_pid, cgroup))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(grants: &[&str], allow_without: bool) -> EgressPlan {
+        EgressPlan {
+            grants: grants.iter().map(|grant| grant.parse().unwrap()).collect(),
+            allow_without,
+            counts: None,
+        }
+    }
+
+    #[test]
+    fn grants_without_a_filter_are_refused_unless_the_node_allows_it() {
+        // No cgroup: nowhere to attach the filter.
+        let error =
+            attach_egress_filter(None, plan(&["10.0.0.5:5432"], false), None).expect_err("refused");
+        let text = error.to_string();
+        assert!(
+            text.contains("bulwark.dev/network: the kernel's egress filter cannot be attached")
+                && text.contains("capabilities.allow_without_egress_filter"),
+            "{text}"
+        );
+        assert!(matches!(error, CreateError::NodeUnfit(_)));
+        assert!(matches!(
+            attach_egress_filter(None, plan(&["10.0.0.5:5432"], true), None),
+            Ok(None)
+        ));
+        // Without grants the workload has no socket at all: it runs.
+        assert!(matches!(
+            attach_egress_filter(None, plan(&[], false), None),
+            Ok(None)
+        ));
+    }
 }
