@@ -99,6 +99,9 @@ pub struct Cgroup {
     /// Its directory in the unified (v2) hierarchy, where cgroup BPF programs attach (see
     /// [`Cgroup::egress_dir`]).
     egress_dir: Option<PathBuf>,
+    /// Whether Bulwark made that directory as a hybrid node's twin of the cgroup (see
+    /// [`Cgroup::make_egress_twin`]), so that it joins and removes it too.
+    twin: bool,
 }
 
 /// Where a hybrid node (v1 controllers) mounts its cgroup2 hierarchy, which has no
@@ -172,19 +175,6 @@ impl Cgroup {
         let mut cgroup = Cgroup::locate(cgroups_path)?;
         cgroup.resources = *resources;
         if cgroup.scope.is_none() {
-            // A hybrid node's cgroup2 twin is only where the egress filter attaches: one
-            // that cannot be made means no filter (containers with grants are then refused,
-            // see task::create), not a node that runs no pod at all.
-            if !cgroup.unified
-                && let Some(twin) = cgroup.egress_dir.clone()
-                && let Err(error) = fs::create_dir_all(&twin)
-            {
-                log::warn!(
-                    "cannot create {} for the egress filter: {error}",
-                    twin.display()
-                );
-                cgroup.egress_dir = None;
-            }
             for dir in cgroup.own_dirs() {
                 fs::create_dir_all(dir).map_err(io(dir, "create"))?;
             }
@@ -227,6 +217,7 @@ impl Cgroup {
                 resources: Resources::default(),
                 // systemd puts the scope in the unified hierarchy of a hybrid node too.
                 egress_dir: unified_dir(unified, &inside),
+                twin: false,
                 scope: Some(Scope {
                     slice: slice.to_owned(),
                     unit,
@@ -255,6 +246,7 @@ impl Cgroup {
         Ok(Cgroup {
             unified,
             egress_dir: unified_dir(unified, &inside("")),
+            twin: false,
             dirs: hierarchy_dirs(unified, inside),
             resources: Resources::default(),
             scope: None,
@@ -314,11 +306,37 @@ impl Cgroup {
         self.egress_dir.as_deref()
     }
 
+    /// On a hybrid node with the cgroupfs driver, makes the cgroup's twin in the cgroup2
+    /// hierarchy, for the egress filter; the workload joins it when placed, and it goes
+    /// with the cgroup. Only containers with network grants need it there: one without
+    /// has no socket at all (its seccomp filter), and a twin per container cost each shim
+    /// ~0.5 MiB here (measured with `make bench`; the reason is not understood yet). A twin
+    /// that cannot be made means no filter (containers with grants are then refused, see
+    /// `task::create`), not a node that runs no pod.
+    pub fn make_egress_twin(&mut self) {
+        if self.unified || self.scope.is_some() {
+            return;
+        }
+        let Some(twin) = &self.egress_dir else {
+            return;
+        };
+        match fs::create_dir_all(twin) {
+            Ok(()) => self.twin = true,
+            Err(error) => {
+                log::warn!(
+                    "cannot create {} for the egress filter: {error}",
+                    twin.display()
+                );
+                self.egress_dir = None;
+            }
+        }
+    }
+
     /// The directories Bulwark itself makes, joins and removes (cgroupfs driver): one per
-    /// hierarchy, and on a hybrid node the cgroup2 one beside them.
+    /// hierarchy, and on a hybrid node the cgroup2 twin beside them, if it made one.
     fn own_dirs(&self) -> impl Iterator<Item = &PathBuf> {
-        let hybrid = self.egress_dir.as_ref().filter(|_| !self.unified);
-        self.dirs.iter().map(|(_, dir)| dir).chain(hybrid)
+        let twin = self.egress_dir.as_ref().filter(|_| self.twin);
+        self.dirs.iter().map(|(_, dir)| dir).chain(twin)
     }
 
     /// Whether `pid` is in the cgroup at `dir` (of the first hierarchy).

@@ -112,7 +112,14 @@ pub fn prepare(
     plan.write(&plan_path)
         .map_err(|e| CreateError::Failed(format!("{e:#}")))?;
     let cgroup = match create_cgroup(spec) {
-        Ok(cgroup) => cgroup,
+        Ok(mut cgroup) => {
+            if !egress.grants.is_empty()
+                && let Some(cgroup) = &mut cgroup
+            {
+                cgroup.make_egress_twin();
+            }
+            cgroup
+        }
         Err(error) => {
             let _ = std::fs::remove_file(&plan_path);
             return Err(error);
