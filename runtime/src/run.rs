@@ -266,13 +266,14 @@ pub struct Workload {
     /// Connect the guest's stdin/stdout/stderr to this process's (else: closed / discarded).
     pub inherit_stdio: bool,
     /// Serving mode: where the kernel's egress counters of this container are, for
-    /// `/metrics`: [`EGRESS_COUNTS_SIZE`] bytes, three native-endian `u64`s (attempts
-    /// allowed, denied, and denial reports dropped), kept current by the shim.
+    /// `/metrics`: [`EGRESS_COUNTS_SIZE`] bytes, four native-endian `u64`s (1 once a filter
+    /// is attached, else 0; attempts allowed, denied, and denial reports dropped), kept
+    /// current by the shim.
     pub egress_counts: Option<std::sync::Arc<std::fs::File>>,
 }
 
 /// The size of the egress counters file (see [`Workload::egress_counts`]).
-pub const EGRESS_COUNTS_SIZE: usize = 24;
+pub const EGRESS_COUNTS_SIZE: usize = 32;
 
 /// The engines, linkers and cache of a host process.
 pub struct Runtime {

@@ -1382,12 +1382,14 @@ impl Metrics {
     fn read_egress(&self, counts: &std::fs::File) {
         use std::os::unix::fs::FileExt;
         let mut bytes = [0u8; EGRESS_COUNTS_SIZE];
-        if counts.read_exact_at(&mut bytes, 0).is_err() {
+        // No filter attached (none on this node, or none needed): no series, rather than
+        // zeros that would read as "nothing was denied".
+        if counts.read_exact_at(&mut bytes, 0).is_err() || bytes[..8] == [0; 8] {
             return;
         }
         for (verdict, value) in ["allowed", "denied", "reports_dropped"]
             .into_iter()
-            .zip(bytes.chunks_exact(8))
+            .zip(bytes[8..].chunks_exact(8))
         {
             let value = u64::from_ne_bytes(value.try_into().expect("8 bytes"));
             let counter = self.egress.get_or_create(&VerdictLabel { verdict });

@@ -54,7 +54,7 @@ impl EgressCounts {
         for (slot, value) in
             bytes
                 .chunks_exact_mut(8)
-                .zip([counts.allowed, counts.denied, counts.dropped])
+                .zip([1, counts.allowed, counts.denied, counts.dropped])
         {
             slot.copy_from_slice(&value.to_ne_bytes());
         }
