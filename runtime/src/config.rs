@@ -414,6 +414,15 @@ impl RawLimits {
 }
 
 impl RawQuantity {
+    /// The bytes of `value`, or `default` when it is not set.
+    fn or(
+        value: Option<RawQuantity>,
+        default: u64,
+        bad: impl FnOnce(&str, String) -> ConfigError,
+    ) -> Result<u64, ConfigError> {
+        value.map_or(Ok(default), |quantity| quantity.bytes(bad))
+    }
+
     fn bytes(self, bad: impl FnOnce(&str, String) -> ConfigError) -> Result<u64, ConfigError> {
         match self {
             RawQuantity::Bytes(bytes) => Ok(bytes),
@@ -434,10 +443,7 @@ impl RawCompile {
         };
         let defaults = CompileLimits::default();
         let quantity = |key: &str, value: Option<RawQuantity>, default: u64| {
-            let bytes = match value {
-                Some(quantity) => quantity.bytes(|text, reason| bad(key, text, reason))?,
-                None => default,
-            };
+            let bytes = RawQuantity::or(value, default, |text, reason| bad(key, text, reason))?;
             if bytes == 0 {
                 return Err(bad(key, "0", "a quantity above zero, such as 2Gi".into()));
             }
@@ -485,10 +491,11 @@ impl RawServing {
                 "a number of connections above zero".into(),
             ));
         }
-        let max_head_size = match self.max_head_size {
-            Some(quantity) => quantity.bytes(|text, reason| bad("max_head_size", text, reason))?,
-            None => defaults.max_head_size,
-        };
+        let max_head_size = RawQuantity::or(
+            self.max_head_size,
+            defaults.max_head_size,
+            |text, reason| bad("max_head_size", text, reason),
+        )?;
         if max_head_size < MIN_HEAD_SIZE {
             return Err(bad(
                 "max_head_size",
@@ -496,10 +503,11 @@ impl RawServing {
                 format!("at least {} (8Ki)", MIN_HEAD_SIZE),
             ));
         }
-        let max_body_size = match self.max_body_size {
-            Some(quantity) => quantity.bytes(|text, reason| bad("max_body_size", text, reason))?,
-            None => defaults.max_body_size,
-        };
+        let max_body_size = RawQuantity::or(
+            self.max_body_size,
+            defaults.max_body_size,
+            |text, reason| bad("max_body_size", text, reason),
+        )?;
         Ok(ClientLimits {
             head_timeout,
             connections: self.connections,
