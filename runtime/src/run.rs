@@ -266,14 +266,58 @@ pub struct Workload {
     /// Connect the guest's stdin/stdout/stderr to this process's (else: closed / discarded).
     pub inherit_stdio: bool,
     /// Serving mode: where the kernel's egress counters of this container are, for
-    /// `/metrics`: [`EGRESS_COUNTS_SIZE`] bytes, four native-endian `u64`s (1 once a filter
-    /// is attached, else 0; attempts allowed, denied, and denial reports dropped), kept
+    /// `/metrics`: [`EgressCounts::SIZE`] bytes that [`EgressCounts::decode`] reads, kept
     /// current by the shim.
     pub egress_counts: Option<std::sync::Arc<std::fs::File>>,
 }
 
-/// The size of the egress counters file (see [`Workload::egress_counts`]).
-pub const EGRESS_COUNTS_SIZE: usize = 32;
+/// Every connection attempt the kernel's egress filter decided for a container since it
+/// was attached: what the shim reads from the filter and a serving workload shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EgressCounts {
+    /// TCP connects to a grant.
+    pub allowed: u64,
+    /// Everything refused (each one also reported to the shim, unless dropped).
+    pub denied: u64,
+    /// Denials whose report was lost because the shim read them too slowly. They are
+    /// still counted in `denied`.
+    pub dropped: u64,
+}
+
+impl EgressCounts {
+    /// The size of their encoded form.
+    pub const SIZE: usize = 32;
+
+    /// Four native-endian `u64`s: 1 (a filter is attached), allowed, denied, dropped.
+    pub fn encode(&self) -> [u8; Self::SIZE] {
+        let mut bytes = [0u8; Self::SIZE];
+        for (slot, value) in
+            bytes
+                .chunks_exact_mut(8)
+                .zip([1, self.allowed, self.denied, self.dropped])
+        {
+            slot.copy_from_slice(&value.to_ne_bytes());
+        }
+        bytes
+    }
+
+    /// The counts in `bytes`, or `None` when no filter stands behind them (all zero: the
+    /// file was made, but nothing was ever published).
+    pub fn decode(bytes: &[u8; Self::SIZE]) -> Option<EgressCounts> {
+        let word = |index: usize| {
+            u64::from_ne_bytes(
+                bytes[index * 8..index * 8 + 8]
+                    .try_into()
+                    .expect("eight bytes"),
+            )
+        };
+        (word(0) != 0).then(|| EgressCounts {
+            allowed: word(1),
+            denied: word(2),
+            dropped: word(3),
+        })
+    }
+}
 
 /// The engines, linkers and cache of a host process.
 pub struct Runtime {
@@ -898,6 +942,22 @@ fn flush_stdout_briefly() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn egress_counts_read_back_only_where_a_filter_published_them() {
+        let counts = EgressCounts {
+            allowed: 3,
+            denied: 9,
+            dropped: 1,
+        };
+        assert_eq!(EgressCounts::decode(&counts.encode()), Some(counts));
+        assert_eq!(EgressCounts::decode(&[0; EgressCounts::SIZE]), None);
+        assert_eq!(
+            EgressCounts::decode(&EgressCounts::default().encode()),
+            Some(EgressCounts::default()),
+            "a filter that decided nothing yet still stands"
+        );
+    }
 
     #[test]
     fn sockets_reach_only_granted_destinations() {

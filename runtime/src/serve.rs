@@ -54,7 +54,7 @@ use crate::config::ClientLimits;
 use crate::engine::{ASYNC_STACK_SIZE, Allocation, build_engine};
 use crate::policy::{Policy, Serving, ServingSizing};
 use crate::run::{
-    EGRESS_COUNTS_SIZE, EpochDeadline, Guard, GuardedHost, Outcome, RunError, Runtime, StoreLimits,
+    EgressCounts, EpochDeadline, Guard, GuardedHost, Outcome, RunError, Runtime, StoreLimits,
     Workload, arm, classify, deserialize_component, start_epoch_ticker, wasi_builder,
 };
 
@@ -1381,17 +1381,21 @@ impl Metrics {
     /// Brings the egress counters up to what the shim last published in `counts`.
     fn read_egress(&self, counts: &std::fs::File) {
         use std::os::unix::fs::FileExt;
-        let mut bytes = [0u8; EGRESS_COUNTS_SIZE];
+        let mut bytes = [0u8; EgressCounts::SIZE];
         // No filter attached (none on this node, or none needed): no series, rather than
         // zeros that would read as "nothing was denied".
-        if counts.read_exact_at(&mut bytes, 0).is_err() || bytes[..8] == [0; 8] {
+        let Some(counts) = counts
+            .read_exact_at(&mut bytes, 0)
+            .ok()
+            .and_then(|()| EgressCounts::decode(&bytes))
+        else {
             return;
-        }
-        for (verdict, value) in ["allowed", "denied", "reports_dropped"]
-            .into_iter()
-            .zip(bytes[8..].chunks_exact(8))
-        {
-            let value = u64::from_ne_bytes(value.try_into().expect("8 bytes"));
+        };
+        for (verdict, value) in [
+            ("allowed", counts.allowed),
+            ("denied", counts.denied),
+            ("reports_dropped", counts.dropped),
+        ] {
             let counter = self.egress.get_or_create(&VerdictLabel { verdict });
             counter.inc_by(value.saturating_sub(counter.get()));
         }

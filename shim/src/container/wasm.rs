@@ -21,7 +21,7 @@ use crate::bundle::content::{ContainerImage, IMAGE_NAME, fetch_wasm_layer, overs
 use crate::bundle::spec::ContainerSpec;
 use crate::bundle::{ARTIFACT_MODULE_FILE, ContentStore, PLAN_FILE};
 use crate::cgroup::{Cgroup, compile_step_path};
-use crate::egress::{EgressCounts, EgressPlan};
+use crate::egress::{CountsFile, EgressPlan};
 use crate::process::binaries::{WORKLOAD_BINARY, beside_shim};
 use crate::process::compile::parent::{CompileSteps, ModuleToCompile, Placement, Reaping};
 use crate::process::compile::step_user;
@@ -87,7 +87,7 @@ pub fn prepare(
     // A service shows its egress counts in /metrics: the shim writes them, the workload
     // reads them.
     let counts = if artifact.facts.serves_http {
-        Some(EgressCounts::create().map_err(|e| CreateError::Failed(format!("{e:#}")))?)
+        Some(CountsFile::create().map_err(|e| CreateError::Failed(format!("{e:#}")))?)
     } else {
         None
     };

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
 use aya::programs::{CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
+use bulwark_runtime::run::EgressCounts;
 
 /// The compiled `shim/bpf/egress.bpf.c`. aya's `include_bytes_aligned!` wraps
 /// `include_bytes!` to give the ELF parser the 8-byte alignment it needs (a plain
@@ -96,18 +97,6 @@ impl GrantKey {
 
 /// `struct denial_event` of the C file, 32 bytes.
 const EVENT_SIZE: usize = 32;
-
-/// Every attempt the filter decided since it was attached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
-    /// TCP connects to a grant.
-    pub allowed: u64,
-    /// Everything refused (each one also reported as a [`Denial`], unless dropped).
-    pub denied: u64,
-    /// Denials whose report was lost because the ring buffer was full: the shim read too
-    /// slowly. They are still counted in `denied`.
-    pub dropped: u64,
-}
 
 /// The transport of a refused attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,14 +327,14 @@ impl EgressFilter {
 
     /// The counters, read now. A counter that cannot be read shows as 0 (logged): the
     /// map exists as long as `self`, so that only happens on a kernel failure.
-    pub fn counts(&self) -> Counts {
+    pub fn counts(&self) -> EgressCounts {
         let read = |index: u32| {
             self.counts.get(&index, 0).unwrap_or_else(|error| {
                 log::warn!("reading egress filter counter {index}: {error}");
                 0
             })
         };
-        Counts {
+        EgressCounts {
             allowed: read(0),
             denied: read(1),
             dropped: read(2),
@@ -354,7 +343,7 @@ impl EgressFilter {
 
     /// Every denial reported since the last call, oldest first, without blocking. Call it
     /// when [`EgressFilter::events_fd`] polls readable, or on a timer: the ring holds about
-    /// 1,600 reports, and denials past that are only counted (`Counts::dropped`).
+    /// 1,600 reports, and denials past that are only counted (`EgressCounts::dropped`).
     pub fn next_denials(&mut self) -> Vec<Denial> {
         let mut denials = Vec::new();
         // Each item is consumed (the ring's reader position moves) when it is dropped.

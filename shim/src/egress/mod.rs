@@ -10,9 +10,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
-use bulwark_runtime::run::EGRESS_COUNTS_SIZE;
-
-use bpf::Counts;
+use bulwark_runtime::run::EgressCounts;
 
 /// What a Wasm container's egress filter must allow, and whether it may run without one.
 #[derive(Debug, Default)]
@@ -23,18 +21,18 @@ pub struct EgressPlan {
     /// (`capabilities.allow_without_egress_filter`).
     pub allow_without: bool,
     /// Where a serving workload reads the filter's counts for its `/metrics`.
-    pub counts: Option<EgressCounts>,
+    pub counts: Option<CountsFile>,
 }
 
 /// The filter's counts as a serving workload reads them: a small memory file the shim
 /// writes and the workload reads through a read-only descriptor (the workload may make no
-/// `bpf` call to read the map itself). Layout: `bulwark_runtime::run::Workload::egress_counts`.
+/// `bpf` call to read the map itself), in [`EgressCounts::encode`]'s layout.
 #[derive(Debug)]
-pub struct EgressCounts(File);
+pub struct CountsFile(File);
 
-impl EgressCounts {
+impl CountsFile {
     /// Makes the file; returns the shim's writable handle and the workload's read-only one.
-    pub fn create() -> std::io::Result<(EgressCounts, File)> {
+    pub fn create() -> std::io::Result<(CountsFile, File)> {
         // SAFETY: memfd_create with a NUL-terminated name; the descriptor is ours.
         let fd =
             unsafe { libc::memfd_create(c"bulwark-egress-counts".as_ptr(), libc::MFD_CLOEXEC) };
@@ -43,21 +41,13 @@ impl EgressCounts {
         }
         // SAFETY: fd was just made and is owned by nothing else.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(EGRESS_COUNTS_SIZE as u64)?;
+        file.set_len(EgressCounts::SIZE as u64)?;
         let reader = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-        Ok((EgressCounts(file), reader))
+        Ok((CountsFile(file), reader))
     }
 
     /// Publishes `counts`.
-    pub fn write(&self, counts: Counts) -> std::io::Result<()> {
-        let mut bytes = [0u8; EGRESS_COUNTS_SIZE];
-        for (slot, value) in
-            bytes
-                .chunks_exact_mut(8)
-                .zip([1, counts.allowed, counts.denied, counts.dropped])
-        {
-            slot.copy_from_slice(&value.to_ne_bytes());
-        }
-        self.0.write_all_at(&bytes, 0)
+    pub fn write(&self, counts: EgressCounts) -> std::io::Result<()> {
+        self.0.write_all_at(&counts.encode(), 0)
     }
 }

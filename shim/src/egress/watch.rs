@@ -7,11 +7,10 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::EgressCounts;
-use super::bpf::{Counts, Denial, EgressFilter, Transport};
+use super::CountsFile;
+use super::bpf::{Denial, EgressFilter, Transport};
 
 /// How often the ring buffer is read: it holds ~1,600 reports, so a storm between two reads
 /// is counted (`dropped`), not lost from the counters.
@@ -23,19 +22,11 @@ const LOG_LINES_PER_WINDOW: u32 = 10;
 const LOG_WINDOW: Duration = Duration::from_secs(10);
 
 /// A container's egress filter, read by a thread of the shim's for as long as the
-/// container lives. Dropping it stops the thread (the filter stays attached to the cgroup
-/// and goes with it).
+/// container lives. Dropping it stops the thread (its channel closes; the filter stays
+/// attached to the cgroup and goes with it).
+#[derive(Debug)]
 pub struct EgressWatch {
-    stop: Option<mpsc::Sender<()>>,
-    counts: Arc<Mutex<Counts>>,
-}
-
-impl std::fmt::Debug for EgressWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EgressWatch")
-            .field("counts", &self.counts())
-            .finish()
-    }
+    _stop: mpsc::Sender<()>,
 }
 
 impl EgressWatch {
@@ -44,46 +35,26 @@ impl EgressWatch {
     pub fn start(
         filter: EgressFilter,
         log: Option<PathBuf>,
-        published: Option<EgressCounts>,
+        published: Option<CountsFile>,
     ) -> EgressWatch {
         let (stop, stopped) = mpsc::channel();
-        let counts = Arc::new(Mutex::new(Counts::default()));
-        let shared = counts.clone();
         let spawned = std::thread::Builder::new()
             .name("egress-watch".into())
-            .spawn(move || watch(filter, log, published, &stopped, &shared));
+            .spawn(move || watch(filter, log, published, &stopped));
         if let Err(error) = spawned {
             log::warn!(
                 "cannot start the egress watch (denials are still refused, not logged): {error}"
             );
         }
-        EgressWatch {
-            stop: Some(stop),
-            counts,
-        }
-    }
-
-    /// The filter's counters as last read.
-    pub fn counts(&self) -> Counts {
-        *self
-            .counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Drop for EgressWatch {
-    fn drop(&mut self) {
-        drop(self.stop.take());
+        EgressWatch { _stop: stop }
     }
 }
 
 fn watch(
     mut filter: EgressFilter,
     log: Option<PathBuf>,
-    published: Option<EgressCounts>,
+    published: Option<CountsFile>,
     stopped: &mpsc::Receiver<()>,
-    counts: &Mutex<Counts>,
 ) {
     let mut limiter = LogLimiter::new(Instant::now());
     loop {
@@ -97,12 +68,8 @@ fn watch(
         {
             write_log(log, &lines);
         }
-        let now = filter.counts();
-        *counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
         if let Some(published) = &published
-            && let Err(error) = published.write(now)
+            && let Err(error) = published.write(filter.counts())
         {
             log::warn!("cannot publish the egress counts: {error}");
         }
