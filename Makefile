@@ -65,6 +65,20 @@ components: guests build
 		$(PYVENV)/bin/componentize-py -q -d $$1 -w $$2 componentize -p images/guests/python \
 			-o $(COMPONENTS)/pyhttp.wasm app || exit 1; \
 	fi
+	@if [ ! $(COMPONENTS)/pyhttp-p3.wasm -nt images/guests/p3/http/app.py ]; then \
+		echo "componentize-py pyhttp-p3"; \
+		$(PYVENV)/bin/componentize-py -q -d $$($(BIN)/componentize --p3-wit) -w wasi:http/service@0.3.0 \
+			componentize -p images/guests/p3/http -o $(COMPONENTS)/pyhttp-p3.wasm app || exit 1; \
+	fi
+	@if [ ! $(COMPONENTS)/pycmd-p3.wasm -nt images/guests/p3/command/app.py ]; then \
+		echo "componentize-py pycmd-p3"; \
+		$(PYVENV)/bin/componentize-py -q -d $$($(BIN)/componentize --p3-wit) -w wasi:cli/command@0.3.0 \
+			componentize -p images/guests/p3/command -o $(COMPONENTS)/pycmd-p3.wasm app || exit 1; \
+	fi
+	@if [ ! $(COMPONENTS)/p3-command.wasm -nt images/guests/p3/command.wat ]; then \
+		echo "componentize --wat p3-command"; \
+		$(BIN)/componentize --wat images/guests/p3/command.wat $(COMPONENTS)/p3-command.wasm || exit 1; \
+	fi
 
 deps:
 	@bash tests/chart/get-helm.sh

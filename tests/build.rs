@@ -14,6 +14,7 @@ fn main() {
     let wit = [
         ("wasmtime-wasi", "src/p2/wit", "BULWARK_WASI_WIT"),
         ("wasmtime-wasi-http", "wit", "BULWARK_WASI_HTTP_WIT"),
+        ("wasmtime-wasi-http", "src/p3/wit", "BULWARK_WASI_P3_WIT"),
     ];
     for (package, dir, variable) in wit {
         if let Some(dir) = locked_version(&lock, package).and_then(|v| source_dir(package, &v, dir))

@@ -8,6 +8,10 @@
 //!    limits, with fuel, and with a deadline (watchdog and epoch), interleaved in rounds so
 //!    that machine noise hits every variant alike; medians and ratios.
 //! 4. Idle memory per live instance at 1,000 instances.
+//! 5. Deadline precision.
+//! 6. What a usage record costs: reading the process's CPU clock (once per batch run) and
+//!    writing a usage line to a pipe (once per run or request), next to a whole run of
+//!    hello.c for scale.
 //!
 //! Guests come from `make guests` (build/guests, build/native).
 
@@ -77,6 +81,67 @@ fn main() {
     cpu_kernel();
     idle_memory_per_instance();
     deadline_precision();
+    usage_record_cost();
+}
+
+/// What the usage records add to a run or a request: a CPU clock read and one log line
+/// (fuel and memory figures are counters the store and the limiter keep anyway).
+fn usage_record_cost() {
+    use bulwark_runtime::usage::{Fuel, Usage, process_cpu};
+    const RECORDS: u32 = 200_000;
+    println!("## 6. What a usage record costs");
+    println!("| what | per run or request (us) |");
+    println!("|---|---|");
+    let started = Instant::now();
+    for _ in 0..RECORDS {
+        std::hint::black_box(process_cpu());
+    }
+    let clock = started.elapsed() / RECORDS;
+    // The log is a pipe (the shim's FIFO to containerd): a thread drains it as they do.
+    let (mut reader, mut writer) = std::io::pipe().unwrap();
+    let drain = std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let usage = Usage {
+        wall: Duration::from_micros(3_587),
+        cpu: None,
+        fuel: Fuel::Consumed(978_336),
+        memory: 14_090_240,
+    };
+    let started = Instant::now();
+    for id in 0..RECORDS {
+        writeln!(writer, "bulwark: request {id} GET /: 200 {usage}").unwrap();
+    }
+    let line = started.elapsed() / RECORDS;
+    drop(writer);
+    drain.join().unwrap().unwrap();
+    let runtime = Runtime::new(RuntimeOptions {
+        allocation: Allocation::Pooling { instances: 16 },
+        deadline: DeadlineMode::ProcessWatchdog,
+    });
+    let loaded = runtime.load(&policy(&[]), &read_guest("hello")).unwrap();
+    let workload = Workload {
+        inherit_stdio: false,
+        ..Workload::default()
+    };
+    let mut runs: Vec<Duration> = (0..2_000)
+        .map(|_| {
+            let started = Instant::now();
+            loaded.run(&workload, &Default::default()).unwrap();
+            started.elapsed()
+        })
+        .collect();
+    println!("| the process's CPU clock, read once | {:.3} |", us(clock));
+    println!(
+        "| a usage line, formatted and written to a drained pipe | {:.3} |",
+        us(line)
+    );
+    println!(
+        "| for scale: a whole run of hello.c (instantiate + run, its record included) | {:.2} |",
+        us(median(&mut runs))
+    );
+    println!(
+        "({RECORDS} records; the fuel and memory figures are counters Wasmtime and the limiter keep anyway)"
+    );
+    println!();
 }
 
 fn print_conditions() {

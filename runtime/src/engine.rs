@@ -67,7 +67,8 @@ impl FlavorRequest {
 pub struct Facts {
     /// A core module or a component.
     pub kind: WasmKind,
-    /// Whether it is a component that exports `wasi:http/incoming-handler` (served).
+    /// Whether it is a component that exports `wasi:http/incoming-handler@0.2` or
+    /// `wasi:http/handler@0.3` (served).
     pub serves_http: bool,
     /// What one instance of it holds.
     pub shape: ComponentShape,
@@ -116,10 +117,9 @@ impl Facts {
                 Payload::ComponentExportSection(exports) if depth == 0 => {
                     serves_http |= exports.into_iter().any(|export| {
                         export.is_ok_and(|export| {
-                            export
-                                .name
-                                .name
-                                .starts_with("wasi:http/incoming-handler@0.2.")
+                            let name = export.name.name;
+                            name.starts_with("wasi:http/incoming-handler@0.2.")
+                                || name.starts_with("wasi:http/handler@0.3.")
                         })
                     });
                 }

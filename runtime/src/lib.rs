@@ -7,6 +7,8 @@
 //!   precompiled modules, and [`run::Loaded::run`], which runs a WASI preview 1 module or
 //!   preview 2 command under a policy and returns an [`run::Outcome`] with the exit code
 //!   and reason of the contract.
+//! - [`usage::Usage`]: what a run or a request used (wall, CPU, fuel, memory), the line a
+//!   platform bills on.
 //! - [`serve::Service`]: serving mode, a `wasi:http/proxy` component as an HTTP service with
 //!   a fresh instance per request and per-request limits.
 //!
@@ -23,6 +25,7 @@ pub mod policy;
 pub mod run;
 pub mod serve;
 pub mod units;
+pub mod usage;
 
 pub use config::NodeConfig;
 pub use policy::{Policy, PolicyError, Request};

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use wasmtime::{
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::sync::CommandPre;
+use wasmtime_wasi::p3::bindings::{Command as P3Command, CommandPre as P3CommandPre};
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -30,6 +32,7 @@ use crate::engine::{
 };
 use crate::policy::{Access, DirGrant, Limit, Policy};
 use crate::units::{Bytes, format_duration};
+use crate::usage::{Fuel, Usage, fuel_consumed, process_cpu};
 
 /// Exit code when the fuel budget ran out (128 + SIGXCPU).
 pub const EXIT_FUEL: i32 = 152;
@@ -176,6 +179,18 @@ impl Outcome {
         }
     }
 
+    /// Which limit ended the run, in one word (the `bulwark-limit` header's values):
+    /// `timeout`, `fuel`, `memory` or `trap`; `None` when the guest exited.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            Outcome::Exited(_) => None,
+            Outcome::DeadlineExceeded(_) => Some("timeout"),
+            Outcome::FuelExhausted(_) => Some("fuel"),
+            Outcome::MemoryLimit { .. } => Some("memory"),
+            Outcome::Trapped(_) => Some("trap"),
+        }
+    }
+
     /// The one-line reason for a run a limit or trap ended; `None` when the guest exited.
     pub fn reason(&self) -> Option<String> {
         match self {
@@ -211,6 +226,9 @@ impl Outcome {
 pub struct Report {
     /// Kubernetes' termination-message file (`/dev/termination-log`), when mounted.
     pub termination_log: Option<PathBuf>,
+    /// Whether to write a usage line (`bulwark: usage: ...`) to stderr at the end of the
+    /// run: a container's log always gets one; the CLI when asked.
+    pub usage: bool,
 }
 
 impl Report {
@@ -225,6 +243,23 @@ impl Report {
         {
             log::warn!("cannot write termination log {}: {error}", path.display());
         }
+    }
+
+    /// Writes the run's usage line, `bulwark: usage: exit_code=N [limit=KIND] ...`, when
+    /// asked for.
+    pub fn usage(&self, outcome: &Outcome, usage: &Usage) {
+        if !self.usage {
+            return;
+        }
+        let limit = outcome
+            .limit()
+            .map(|kind| format!(" limit={kind}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            std::io::stderr(),
+            "bulwark: usage: exit_code={}{limit} {usage}",
+            outcome.exit_code()
+        );
     }
 }
 
@@ -384,7 +419,7 @@ impl Runtime {
         let engine = self.engine(flavor)?;
         let entry = match facts.kind {
             WasmKind::Module => Entry::Module(link_module(&engine, &artifact.file)?),
-            WasmKind::Component => Entry::Component(link_component(&engine, &artifact.file)?),
+            WasmKind::Component => link_component(&engine, &artifact.file)?,
         };
         if facts.kind == WasmKind::Module && !policy.network.is_empty() {
             log::warn!(
@@ -438,24 +473,43 @@ fn link_module(engine: &Engine, file: &File) -> Result<InstancePre<ModuleHost>, 
         .map_err(|error| RunError::Link(format!("{error:#}")))
 }
 
-fn link_component(engine: &Engine, file: &File) -> Result<CommandPre<ComponentHost>, RunError> {
+/// Links a command component: a WASI 0.2 one (`wasi:cli/run@0.2`) against the synchronous
+/// 0.2 interfaces, a WASI 0.3 one (`wasi:cli/run@0.3`) against the 0.3 interfaces and,
+/// since toolchains built on wasi-libc still import them too, the 0.2 ones (async).
+fn link_component(engine: &Engine, file: &File) -> Result<Entry, RunError> {
     let component = deserialize_component(engine, file)?;
-    let mut linker = wasmtime::component::Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-        .map_err(|error| RunError::Link(format!("{error:#}")))?;
-    let pre = linker
-        .instantiate_pre(&component)
-        .map_err(|error| RunError::Link(format!("{error:#}")))?;
-    CommandPre::new(pre).map_err(|error| {
+    let link = |error: wasmtime::Error| RunError::Link(format!("{error:#}"));
+    let not_a_command = |error: wasmtime::Error| {
         RunError::Link(format!(
             "the component is not a WASI command (no wasi:cli/run export): {error:#}"
         ))
-    })
+    };
+    let exports_p3_run = component
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| name.starts_with("wasi:cli/run@0.3."));
+    let mut linker = wasmtime::component::Linker::new(engine);
+    if exports_p3_run {
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| wasmtime_wasi::p3::add_to_linker(&mut linker))
+            .map_err(link)?;
+        let pre = linker.instantiate_pre(&component).map_err(link)?;
+        return P3CommandPre::new(pre)
+            .map(Entry::P3Component)
+            .map_err(not_a_command);
+    }
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link)?;
+    let pre = linker.instantiate_pre(&component).map_err(link)?;
+    CommandPre::new(pre)
+        .map(Entry::Component)
+        .map_err(not_a_command)
 }
 
 enum Entry {
     Module(InstancePre<ModuleHost>),
     Component(CommandPre<ComponentHost>),
+    /// A WASI 0.3 command: it runs on the component model's async ABI, in an event loop.
+    P3Component(P3CommandPre<ComponentHost>),
 }
 
 /// A workload compiled and linked for one policy: instantiate it as often as needed.
@@ -478,6 +532,8 @@ enum InstanceInner {
         Store<ComponentHost>,
         wasmtime_wasi::p2::bindings::sync::Command,
     ),
+    /// With the event loop it was made in, which runs it.
+    P3Component(Store<ComponentHost>, P3Command, tokio::runtime::Runtime),
 }
 
 impl Loaded {
@@ -485,7 +541,18 @@ impl Loaded {
     /// without running it. Limits that fire already here (a module whose initial memory
     /// is above the cap) come back as an [`Outcome`].
     pub fn instantiate(&self, workload: &Workload) -> Result<Result<Instance, Outcome>, RunError> {
-        let guard = Guard::new(&self.policy);
+        Ok(self
+            .instantiate_guarded(workload, Guard::new(&self.policy))?
+            .map_err(|(outcome, _)| outcome))
+    }
+
+    /// [`Loaded::instantiate`] with `guard` as the instance's limiter; a limit that fired
+    /// comes back with the fuel instantiation consumed.
+    fn instantiate_guarded(
+        &self,
+        workload: &Workload,
+        guard: Guard,
+    ) -> Result<Result<Instance, (Outcome, Fuel)>, RunError> {
         let wasi = wasi_builder(&self.policy, workload)?;
         match &self.entry {
             Entry::Module(pre) => {
@@ -502,11 +569,31 @@ impl Loaded {
                     Ok(instance) => Ok(Ok(Instance {
                         inner: InstanceInner::Module(store, instance),
                     })),
-                    Err(error) => Ok(Err(classify(
-                        error,
-                        &store.data().guard,
-                        &StoreLimits::of(&self.policy),
-                    ))),
+                    Err(error) => Ok(Err(self.ended(error, &store, &store.data().guard))),
+                }
+            }
+            Entry::P3Component(pre) => {
+                let mut wasi = wasi;
+                let mut store = Store::new(
+                    &self.engine,
+                    ComponentHost {
+                        wasi: wasi.build(),
+                        table: ResourceTable::new(),
+                        guard,
+                    },
+                );
+                self.arm(&mut store);
+                let events = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|error| {
+                        RunError::Link(format!("cannot start an event loop: {error}"))
+                    })?;
+                match events.block_on(pre.instantiate_async(&mut store)) {
+                    Ok(command) => Ok(Ok(Instance {
+                        inner: InstanceInner::P3Component(store, command, events),
+                    })),
+                    Err(error) => Ok(Err(self.ended(error, &store, &store.data().guard))),
                 }
             }
             Entry::Component(pre) => {
@@ -524,11 +611,7 @@ impl Loaded {
                     Ok(command) => Ok(Ok(Instance {
                         inner: InstanceInner::Component(store, command),
                     })),
-                    Err(error) => Ok(Err(classify(
-                        error,
-                        &store.data().guard,
-                        &StoreLimits::of(&self.policy),
-                    ))),
+                    Err(error) => Ok(Err(self.ended(error, &store, &store.data().guard))),
                 }
             }
         }
@@ -541,43 +624,83 @@ impl Loaded {
     /// this process with exit code 124 after reporting: use it where the process belongs
     /// to the workload.
     pub fn run(&self, workload: &Workload, report: &Report) -> Result<Outcome, RunError> {
-        let watchdog = self
-            .policy
-            .timeout
-            .clone()
-            .map(|timeout| Watchdog::start(timeout, self.deadline, report.clone()));
-        let outcome = match self.instantiate(workload)? {
-            Err(outcome) => outcome,
+        self.run_measured(workload, report)
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Loaded::run`], returning what the run used as well.
+    pub fn run_measured(
+        &self,
+        workload: &Workload,
+        report: &Report,
+    ) -> Result<(Outcome, Usage), RunError> {
+        let started = Instant::now();
+        let guard = Guard::new(&self.policy);
+        let meter = UsageMeter {
+            started,
+            memory: guard.memory.clone(),
+            fuel: if self.policy.fuel.is_some() {
+                Fuel::Unknown
+            } else {
+                Fuel::Unmetered
+            },
+        };
+        let watchdog =
+            self.policy.timeout.clone().map(|timeout| {
+                Watchdog::start(timeout, self.deadline, report.clone(), meter.clone())
+            });
+        let (outcome, fuel) = match self.instantiate_guarded(workload, guard)? {
+            Err(ended) => ended,
             Ok(instance) => self.run_instance(instance),
         };
         drop(watchdog);
         report.outcome(&outcome);
-        Ok(outcome)
+        let usage = meter.usage(fuel);
+        report.usage(&outcome, &usage);
+        Ok((outcome, usage))
     }
 
-    fn run_instance(&self, instance: Instance) -> Outcome {
+    fn run_instance(&self, instance: Instance) -> (Outcome, Fuel) {
         match instance.inner {
             InstanceInner::Module(mut store, instance) => {
                 let result = instance
                     .get_typed_func::<(), ()>(&mut store, "_start")
                     .and_then(|start| start.call(&mut store, ()));
                 match result {
-                    Ok(()) => Outcome::Exited(0),
-                    Err(error) => {
-                        classify(error, &store.data().guard, &StoreLimits::of(&self.policy))
-                    }
+                    Ok(()) => (Outcome::Exited(0), self.fuel(&store)),
+                    Err(error) => self.ended(error, &store, &store.data().guard),
                 }
             }
             InstanceInner::Component(mut store, command) => {
                 match command.wasi_cli_run().call_run(&mut store) {
-                    Ok(Ok(())) => Outcome::Exited(0),
-                    Ok(Err(())) => Outcome::Exited(1),
-                    Err(error) => {
-                        classify(error, &store.data().guard, &StoreLimits::of(&self.policy))
-                    }
+                    Ok(Ok(())) => (Outcome::Exited(0), self.fuel(&store)),
+                    Ok(Err(())) => (Outcome::Exited(1), self.fuel(&store)),
+                    Err(error) => self.ended(error, &store, &store.data().guard),
+                }
+            }
+            InstanceInner::P3Component(mut store, command, events) => {
+                let ran = events.block_on(store.run_concurrent(async |accessor| {
+                    command.wasi_cli_run().call_run(accessor).await
+                }));
+                match ran.and_then(|result| result) {
+                    Ok(Ok(())) => (Outcome::Exited(0), self.fuel(&store)),
+                    Ok(Err(())) => (Outcome::Exited(1), self.fuel(&store)),
+                    Err(error) => self.ended(error, &store, &store.data().guard),
                 }
             }
         }
+    }
+
+    /// How a run that failed with `error` ended, and the fuel it had consumed.
+    fn ended<T>(&self, error: wasmtime::Error, store: &Store<T>, guard: &Guard) -> (Outcome, Fuel) {
+        (
+            classify(error, guard, &StoreLimits::of(&self.policy)),
+            self.fuel(store),
+        )
+    }
+
+    fn fuel<T>(&self, store: &Store<T>) -> Fuel {
+        fuel_consumed(store, self.policy.fuel.as_ref().map(|fuel| fuel.value))
     }
 
     fn arm<T: GuardedHost>(&self, store: &mut Store<T>) {
@@ -761,7 +884,9 @@ impl WasiView for ComponentHost {
 /// refusal so the outcome can say that the guest died of it.
 pub(crate) struct Guard {
     memory_cap: Option<u64>,
-    memory_in_use: u64,
+    /// Linear memory held now (Wasm memories never shrink, so also the most held). Shared
+    /// so that a run's usage can be read where the store cannot: the deadline's watchdog.
+    memory: Arc<AtomicU64>,
     tables_in_use: usize,
     refused: Option<Refusal>,
 }
@@ -778,14 +903,14 @@ impl Guard {
 
     /// Bytes of linear memory (and table elements' worth) the instance holds now.
     pub(crate) fn peak(&self) -> u64 {
-        self.memory_in_use
+        self.memory.load(Ordering::Relaxed)
     }
 
     /// A guard that caps all memory of an instance at `memory_cap` bytes.
     pub(crate) fn with_cap(memory_cap: Option<u64>) -> Guard {
         Guard {
             memory_cap,
-            memory_in_use: 0,
+            memory: Arc::new(AtomicU64::new(0)),
             tables_in_use: 0,
             refused: None,
         }
@@ -805,7 +930,7 @@ impl ResourceLimiter for Guard {
             return Ok(false);
         }
         let growth = (desired - current) as u64;
-        let total = self.memory_in_use.saturating_add(growth);
+        let total = self.peak().saturating_add(growth);
         let table_bytes = (self.tables_in_use as u64).saturating_mul(size_of::<usize>() as u64);
         if let Some(cap) = self.memory_cap
             && total.saturating_add(table_bytes) > cap
@@ -816,7 +941,7 @@ impl ResourceLimiter for Guard {
             });
             return Ok(false);
         }
-        self.memory_in_use = total;
+        self.memory.store(total, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -841,7 +966,7 @@ impl ResourceLimiter for Guard {
         }
         let total = self.tables_in_use.saturating_add(desired - current);
         let table_bytes = (total as u64).saturating_mul(size_of::<usize>() as u64);
-        let memory_total = self.memory_in_use.saturating_add(table_bytes);
+        let memory_total = self.peak().saturating_add(table_bytes);
         let over_memory = self.memory_cap.is_some_and(|cap| memory_total > cap);
         if total > MAX_TABLE_ELEMENTS || over_memory {
             self.refused = Some(Refusal {
@@ -885,6 +1010,26 @@ pub(crate) fn start_epoch_ticker(engine: &Engine) {
         .expect("cannot start the epoch thread");
 }
 
+/// What a run's usage is read from at its end, wherever that end comes.
+#[derive(Clone)]
+struct UsageMeter {
+    started: Instant,
+    memory: Arc<AtomicU64>,
+    /// The fuel to report where the store cannot be read.
+    fuel: Fuel,
+}
+
+impl UsageMeter {
+    fn usage(&self, fuel: Fuel) -> Usage {
+        Usage {
+            wall: self.started.elapsed(),
+            cpu: Some(process_cpu()),
+            fuel,
+            memory: self.memory.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Ends the process at the deadline (plus a grace period in epoch mode, where the engine
 /// itself should have stopped the guest first) unless dropped before.
 struct Watchdog {
@@ -893,7 +1038,12 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(timeout: Limit<Duration>, mode: DeadlineMode, report: Report) -> Watchdog {
+    fn start(
+        timeout: Limit<Duration>,
+        mode: DeadlineMode,
+        report: Report,
+        meter: UsageMeter,
+    ) -> Watchdog {
         let (done, finished) = mpsc::channel::<()>();
         let wait = match mode {
             DeadlineMode::ProcessWatchdog => timeout.value,
@@ -906,6 +1056,8 @@ impl Watchdog {
                     let outcome = Outcome::DeadlineExceeded(timeout);
                     flush_stdout_briefly();
                     report.outcome(&outcome);
+                    // The guest holds its store: its fuel count cannot be read here.
+                    report.usage(&outcome, &meter.usage(meter.fuel));
                     // SAFETY: _exit ends the process without running destructors, which
                     // is the point: the guest may be anywhere, even inside a host call.
                     unsafe { libc::_exit(outcome.exit_code()) };
@@ -992,6 +1144,61 @@ mod tests {
     }
 
     /// A run of `wat` with `bulwark.dev/memory: 32Mi` and no cache.
+    /// Runs `wat` with `knobs` set, and returns how it ended and what it used.
+    fn run_wat_measured(wat: &str, knobs: &[(crate::policy::Knob, &str)]) -> (Outcome, Usage) {
+        let mut request = crate::Request::annotations();
+        for (knob, value) in knobs {
+            request.set(*knob, value).unwrap();
+        }
+        let policy = Policy::resolve(&crate::NodeConfig::default(), &request).unwrap();
+        let wasm = wat::parse_str(wat).unwrap();
+        let loaded = Runtime::new(RuntimeOptions::default())
+            .load(&policy, &wasm)
+            .unwrap();
+        loaded
+            .run_measured(&Workload::default(), &Report::default())
+            .unwrap()
+    }
+
+    /// A module that runs a loop of five instructions, each costing one unit of fuel,
+    /// `rounds` times, then grows its memory (one page to start) by `pages`.
+    fn burner(rounds: u32, pages: u32) -> String {
+        format!(
+            r#"(module (memory 1)
+                 (func (export "_start") (local $i i32)
+                   (local.set $i (i32.const {rounds}))
+                   (loop $l
+                     (local.get $i) (i32.const 1) (i32.sub) (local.tee $i) (br_if $l))
+                   (drop (memory.grow (i32.const {pages})))))"#
+        )
+    }
+
+    #[test]
+    fn usage_counts_the_fuel_of_every_instruction_and_the_memory_grown_to() {
+        use crate::policy::Knob;
+        let measure = |rounds, pages| {
+            let (outcome, usage) =
+                run_wat_measured(&burner(rounds, pages), &[(Knob::Fuel, "100000000")]);
+            assert_eq!(outcome, Outcome::Exited(0));
+            usage
+        };
+        let (short, long) = (measure(1_000, 3), measure(101_000, 3));
+        let fuel = |usage: Usage| match usage.fuel {
+            Fuel::Consumed(units) => units,
+            other => panic!("{other:?}"),
+        };
+        // 100,000 more rounds of five one-unit instructions: exactly 500,000 units more.
+        assert_eq!(fuel(long) - fuel(short), 500_000);
+        assert_eq!(short.memory, 4 << 16);
+        assert!(short.cpu.is_some());
+        // Nothing metered without a budget.
+        let (_, unmetered) = run_wat_measured(&burner(10, 0), &[]);
+        assert_eq!(
+            (unmetered.fuel, unmetered.memory),
+            (Fuel::Unmetered, 1 << 16)
+        );
+    }
+
     fn run_wat(wat: &str) -> Outcome {
         let mut request = crate::Request::annotations();
         request.set(crate::policy::Knob::Memory, "32Mi").unwrap();

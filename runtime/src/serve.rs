@@ -44,9 +44,10 @@ use prometheus_client::registry::Registry;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::p3::bindings::{Service as P3Service, ServicePre as P3ServicePre};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::cache::Artifact;
@@ -63,6 +64,7 @@ use crate::run::{
 /// HTTP contexts, buffers).
 pub const INSTANCE_OVERHEAD: u64 = ASYNC_STACK_SIZE as u64 + (512 << 10);
 use crate::units::format_size;
+use crate::usage::{Fuel, Usage, fuel_consumed};
 
 /// What a client that got 503 is told to wait before it tries again.
 const RETRY_AFTER_SECONDS: u64 = 1;
@@ -70,7 +72,7 @@ const RETRY_AFTER_SECONDS: u64 = 1;
 /// A wasi:http component, compiled and linked, ready to serve.
 pub struct Service {
     engine: Engine,
-    pre: ProxyPre<ServeHost>,
+    pre: HandlerPre,
     policy: Policy,
     serving: Serving,
     sizing: ServingSizing,
@@ -93,7 +95,7 @@ impl Runtime {
         let facts = &artifact.facts;
         if !facts.serves_http {
             return Err(RunError::Link(
-                "not a wasi:http component (it exports no wasi:http/incoming-handler): it runs as a program"
+                "not a wasi:http component (it exports no wasi:http/incoming-handler@0.2 or wasi:http/handler@0.3): it runs as a program"
                     .into(),
             ));
         }
@@ -130,13 +132,18 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+            .and_then(|()| wasmtime_wasi::p3::add_to_linker(&mut linker))
+            .and_then(|()| wasmtime_wasi_http::p3::add_to_linker(&mut linker))
             .map_err(|error| RunError::Link(format!("{error:#}")))?;
         let pre = linker
             .instantiate_pre(&component)
-            .and_then(ProxyPre::new)
+            .and_then(|pre| match P3ServicePre::new(pre.clone()) {
+                Ok(service) => Ok(HandlerPre::P3(service)),
+                Err(_) => ProxyPre::new(pre).map(HandlerPre::P2),
+            })
             .map_err(|error| {
                 RunError::Link(format!(
-                    "the component does not serve wasi:http (no wasi:http/incoming-handler export it can be called through): {error:#}"
+                    "the component does not serve wasi:http (no wasi:http/incoming-handler@0.2 or wasi:http/handler@0.3 export it can be called through): {error:#}"
                 ))
             })?;
         sizing.footprint = own_footprint();
@@ -281,7 +288,7 @@ impl Service {
             for _ in 0..count {
                 let mut store = shared.store(None)?;
                 let started = Instant::now();
-                let instance = shared.pre.instantiate_async(&mut store).await;
+                let instance = shared.pre.instantiate(&mut store).await;
                 times.push(started.elapsed());
                 instance.map_err(|error| {
                     RunError::Serve(format!("cannot instantiate the component: {error:#}"))
@@ -337,10 +344,32 @@ impl Service {
     }
 }
 
+/// The handler a served component exports, linked: wasi:http 0.2's `incoming-handler` or
+/// 0.3's `handler`.
+enum HandlerPre {
+    P2(ProxyPre<ServeHost>),
+    P3(P3ServicePre<ServeHost>),
+}
+
+/// A request's instance of the component, ready to handle it.
+enum Handler {
+    P2(Proxy),
+    P3(P3Service),
+}
+
+impl HandlerPre {
+    async fn instantiate(&self, store: &mut Store<ServeHost>) -> wasmtime::Result<Handler> {
+        Ok(match self {
+            HandlerPre::P2(pre) => Handler::P2(pre.instantiate_async(store).await?),
+            HandlerPre::P3(pre) => Handler::P3(pre.instantiate_async(store).await?),
+        })
+    }
+}
+
 /// What every request's handling shares.
 struct Shared {
     engine: Engine,
-    pre: ProxyPre<ServeHost>,
+    pre: HandlerPre,
     policy: Policy,
     workload: Workload,
     limits: StoreLimits,
@@ -460,7 +489,7 @@ impl Shared {
     /// fires here (an initial memory above the cap) is named as a request's would be.
     async fn check_ready(&self) -> Result<(), RunError> {
         let mut store = self.store(None)?;
-        match self.pre.instantiate_async(&mut store).await {
+        match self.pre.instantiate(&mut store).await {
             Ok(_) => Ok(()),
             Err(error) => {
                 let outcome = classify(error, &store.data().guard, &self.limits);
@@ -608,7 +637,7 @@ async fn handle(
                     inner: body,
                     left: max_body,
                 });
-                run_request(&shared, &client, request, deadline, &what, slot).await
+                run_request(&shared, &client, request, started, deadline, &what, slot).await
             }
             None => busy_response(&shared, &what),
         },
@@ -675,11 +704,153 @@ async fn acquire(
     }
 }
 
+/// What the guest answered: its response (head sent on, body streaming), or the error code
+/// it answered with instead, in words.
+type Answer = Result<Response<HyperOutgoingBody>, String>;
+
+/// One request, made ready for the handler its component exports.
+enum Prepared {
+    P2 {
+        request: wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostIncomingRequest>,
+        outparam:
+            wasmtime::component::Resource<wasmtime_wasi_http::p2::types::HostResponseOutparam>,
+    },
+    P3 {
+        request: wasmtime_wasi_http::p3::Request,
+        io: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send + 'static>,
+        >,
+        answer: Answering,
+    },
+}
+
+/// Where a guest's answer goes, remembering the status it had for the request's log line.
+#[derive(Clone)]
+struct Answering {
+    sender: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Answer>>>>,
+    /// The status answered (0: none yet).
+    status: Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl Answering {
+    fn new() -> (Answering, tokio::sync::oneshot::Receiver<Answer>) {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let answering = Answering {
+            sender: Arc::new(std::sync::Mutex::new(Some(sender))),
+            status: Arc::default(),
+        };
+        (answering, receiver)
+    }
+
+    fn send(&self, answer: Answer) {
+        let status = match &answer {
+            Ok(response) => response.status().as_u16(),
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.as_u16(),
+        };
+        self.status.store(status, Ordering::Relaxed);
+        let sender = self.sender.lock().map(|mut sender| sender.take());
+        if let Ok(Some(sender)) = sender {
+            let _ = sender.send(answer);
+        }
+    }
+
+    fn status(&self) -> Option<u16> {
+        Some(self.status.load(Ordering::Relaxed)).filter(|status| *status != 0)
+    }
+}
+
+impl HandlerPre {
+    /// Turns `request` into what the handler takes, with `answer` where its response goes.
+    fn prepare(
+        &self,
+        store: &mut Store<ServeHost>,
+        request: Request<CappedBody>,
+        answer: &Answering,
+    ) -> wasmtime::Result<Prepared> {
+        match self {
+            HandlerPre::P2(_) => {
+                let mut http = store.data_mut().http();
+                let request = http.new_incoming_request(Scheme::Http, request)?;
+                let answer = answer.clone();
+                let outparam = http.new_response_outparam_from_callback(move |result| {
+                    answer.send(result.map_err(|code| format!("{code:?}")));
+                })?;
+                Ok(Prepared::P2 { request, outparam })
+            }
+            HandlerPre::P3(_) => {
+                let (request, io) = wasmtime_wasi_http::p3::Request::from_http(
+                    store.data_mut().http().hooks,
+                    request,
+                );
+                Ok(Prepared::P3 {
+                    request,
+                    io: Box::pin(io),
+                    answer: answer.clone(),
+                })
+            }
+        }
+    }
+}
+
+impl Handler {
+    /// Calls the handler with `prepared` and runs it to its end: a 0.2 handler's call
+    /// returning, a 0.3 handler's response body fully sent (its instance produces the body
+    /// after the call returned, so the instance lives until then).
+    async fn handle(
+        self,
+        store: &mut Store<ServeHost>,
+        prepared: Prepared,
+    ) -> wasmtime::Result<()> {
+        match (self, prepared) {
+            (Handler::P2(proxy), Prepared::P2 { request, outparam }) => {
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut *store, request, outparam)
+                    .await
+            }
+            (
+                Handler::P3(service),
+                Prepared::P3 {
+                    request,
+                    io,
+                    answer,
+                },
+            ) => {
+                store
+                    .run_concurrent(async move |accessor| {
+                        match service.handle(accessor, request).await? {
+                            Ok(response) => {
+                                let response = accessor
+                                    .with(|mut store| response.into_http(&mut store, io))?;
+                                let (sent, body_done) = tokio::sync::oneshot::channel();
+                                answer.send(Ok(response.map(|body| {
+                                    BodyEnd {
+                                        inner: body,
+                                        ended: Some(sent),
+                                    }
+                                    .boxed_unsync()
+                                })));
+                                let _ = body_done.await;
+                            }
+                            Err(code) => answer.send(Err(format!("{code:?}"))),
+                        }
+                        Ok(())
+                    })
+                    .await?
+            }
+            _ => Err(wasmtime::Error::msg(
+                "a request prepared for the other wasi:http version",
+            )),
+        }
+    }
+}
+
 /// Runs the guest's handler for `request` in a fresh instance.
 async fn run_request(
     shared: &Arc<Shared>,
     client: &Arc<ClientConnection>,
     request: Request<CappedBody>,
+    started: Instant,
     deadline: Option<Instant>,
     what: &str,
     slot: tokio::sync::OwnedSemaphorePermit,
@@ -691,54 +862,31 @@ async fn run_request(
             return text_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string());
         }
     };
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    let prepared = store
-        .data_mut()
-        .http()
-        .new_incoming_request(Scheme::Http, request)
-        .and_then(|request| {
-            let outparam = store.data_mut().http().new_response_outparam(sender)?;
-            Ok((request, outparam))
-        });
-    let (incoming, outparam) = match prepared {
-        Ok(resources) => resources,
+    let (answering, answered) = Answering::new();
+    let prepared = match shared.pre.prepare(&mut store, request, &answering) {
+        Ok(prepared) => prepared,
         Err(error) => {
             return text_response(StatusCode::BAD_REQUEST, &format!("bad request: {error:#}"));
         }
     };
     let (ended, ending) = tokio::sync::oneshot::channel::<bool>();
-    let task = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let in_flight = Counted::new(&shared.metrics.in_flight);
-            let instantiating = Instant::now();
-            let result = match shared.pre.instantiate_async(&mut store).await {
-                Ok(proxy) => {
-                    shared
-                        .metrics
-                        .instantiation
-                        .observe(instantiating.elapsed().as_secs_f64());
-                    proxy
-                        .wasi_http_incoming_handler()
-                        .call_handle(&mut store, incoming, outparam)
-                        .await
-                }
-                Err(error) => Err(error),
-            };
-            drop(in_flight);
-            let guard = &store.data().guard;
-            shared.metrics.memory.observe(guard.peak() as f64);
-            let outcome = result
-                .err()
-                .map(|error| classify(error, guard, &shared.limits));
-            let _ = ended.send(outcome.is_some());
-            outcome
-        })
-    };
+    let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run_instance(
+        shared.clone(),
+        store,
+        prepared,
+        Finish {
+            what: what.to_owned(),
+            started,
+            answering,
+            ended,
+            cancelled,
+            _slot: slot,
+        },
+    ));
     let waited = match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline.into(), receiver).await,
-        None => Ok(receiver.await),
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), answered).await,
+        None => Ok(answered.await),
     };
     match waited {
         Ok(Ok(Ok(response))) => {
@@ -746,30 +894,19 @@ async fn run_request(
             // still holds: a guest stuck writing to a client that does not read is ended
             // with it, freeing its slot (and the connection's writes stop then too: see
             // [`Deadlined`]).
-            let (shared, what, client) = (shared.clone(), what.to_owned(), client.clone());
-            tokio::spawn(async move {
-                let mut task = task;
-                let outcome = match (deadline, shared.limits.timeout.clone()) {
-                    (Some(deadline), Some(timeout)) => {
-                        match tokio::time::timeout_at(deadline.into(), &mut task).await {
-                            Ok(joined) => joined.ok().flatten(),
-                            Err(_) => {
-                                task.abort();
-                                client.cut_at_deadline.store(true, Ordering::Relaxed);
-                                Some(Outcome::DeadlineExceeded(timeout))
-                            }
-                        }
+            if let Some(deadline) = deadline {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let mut task = task;
+                    if tokio::time::timeout_at(deadline.into(), &mut task)
+                        .await
+                        .is_err()
+                    {
+                        client.cut_at_deadline.store(true, Ordering::Relaxed);
+                        let _ = cancel.send(());
                     }
-                    _ => task.await.ok().flatten(),
-                };
-                if let Some(outcome) = outcome {
-                    shared.metrics.limit(&outcome);
-                    eprintln!(
-                        "bulwark: {what}: {} (after the response head: connection aborted)",
-                        reason_of(&outcome)
-                    );
-                }
-            });
+                });
+            }
             response.map(|body| {
                 CompletedBody {
                     inner: body,
@@ -780,28 +917,138 @@ async fn run_request(
         }
         Ok(Ok(Err(code))) => text_response(
             StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("the handler answered with an error: {code:?}"),
+            &format!("the handler answered with an error: {code}"),
         ),
         // The handler ended without answering: how?
         Ok(Err(_)) => match task.await {
-            Ok(Some(outcome)) => limit_response(shared, what, &outcome),
+            Ok(Some(outcome)) => limit_response(&outcome),
             Ok(None) => text_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the handler returned without a response",
             ),
             Err(error) => text_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
         },
-        // The deadline passed with no answer: the instance goes (a guest blocked in a
-        // host call is dropped; one running Wasm would trap at the next epoch anyway).
+        // The deadline passed with no answer: the instance goes (a guest suspended in a
+        // host call is dropped there; one running Wasm traps at the next epoch anyway).
         Err(_) => {
-            task.abort();
-            let timeout = shared
-                .limits
-                .timeout
-                .clone()
-                .expect("a deadline has a timeout");
-            limit_response(shared, what, &Outcome::DeadlineExceeded(timeout))
+            let _ = cancel.send(());
+            match task.await {
+                Ok(Some(outcome)) => limit_response(&outcome),
+                _ => limit_response(&Outcome::DeadlineExceeded(
+                    shared
+                        .limits
+                        .timeout
+                        .clone()
+                        .expect("a deadline has a timeout"),
+                )),
+            }
         }
+    }
+}
+
+/// What a request's instance needs to end it and to say how it ended.
+struct Finish {
+    what: String,
+    started: Instant,
+    answering: Answering,
+    /// Told whether a limit (or trap) ended the handler, when it is done.
+    ended: tokio::sync::oneshot::Sender<bool>,
+    /// Sent when the request's deadline passed: the instance is dropped where it is.
+    cancelled: tokio::sync::oneshot::Receiver<()>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Instantiates the component and runs the request's handler to its end, or until the
+/// deadline cancels it; then writes the request's log line with what it used, and counts
+/// it. Returns the limit (or trap) that ended it, if any.
+async fn run_instance(
+    shared: Arc<Shared>,
+    mut store: Store<ServeHost>,
+    prepared: Prepared,
+    finish: Finish,
+) -> Option<Outcome> {
+    let in_flight = Counted::new(&shared.metrics.in_flight);
+    let work = async {
+        let instantiating = Instant::now();
+        let handler = shared.pre.instantiate(&mut store).await?;
+        shared
+            .metrics
+            .instantiation
+            .observe(instantiating.elapsed().as_secs_f64());
+        handler.handle(&mut store, prepared).await
+    };
+    // Only a deadline cancels: a client that went away does not (the handler may have
+    // work to finish, and its deadline bounds it anyway).
+    let cancelled = async {
+        if finish.cancelled.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        biased;
+        () = cancelled => None,
+        result = work => Some(result),
+    };
+    drop(in_flight);
+    let guard = &store.data().guard;
+    let outcome = match result {
+        None => shared.limits.timeout.clone().map(Outcome::DeadlineExceeded),
+        Some(Ok(())) => None,
+        Some(Err(error)) => Some(classify(error, guard, &shared.limits)),
+    };
+    let usage = Usage {
+        wall: finish.started.elapsed(),
+        cpu: None,
+        fuel: fuel_consumed(&store, shared.limits.fuel.as_ref().map(|fuel| fuel.value)),
+        memory: guard.peak(),
+    };
+    shared.metrics.usage(&usage, outcome.as_ref());
+    let what = &finish.what;
+    match (&outcome, finish.answering.status()) {
+        (None, Some(status)) => eprintln!("bulwark: {what}: {status} {usage}"),
+        (None, None) => eprintln!("bulwark: {what}: no response {usage}"),
+        (Some(outcome), None) => eprintln!(
+            "bulwark: {what}: {} {} {usage}",
+            limit_status(outcome).as_u16(),
+            reason_of(outcome)
+        ),
+        (Some(outcome), Some(status)) => eprintln!(
+            "bulwark: {what}: {status}, then {} (after the response head: connection aborted) {usage}",
+            reason_of(outcome)
+        ),
+    }
+    let _ = finish.ended.send(outcome.is_some());
+    outcome
+}
+
+/// A 0.3 handler's response body that says when it ended (or was dropped), so its
+/// instance, which produces it, lives exactly as long as it is needed.
+struct BodyEnd {
+    inner: HyperOutgoingBody,
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl hyper::body::Body for BodyEnd {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(context);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.ended.take().map(|ended| ended.send(()));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -846,16 +1093,10 @@ impl hyper::body::Body for CompletedBody {
     }
 }
 
-/// The response for a request a limit (or trap) ended before it answered.
-fn limit_response(shared: &Shared, what: &str, outcome: &Outcome) -> Response<HyperOutgoingBody> {
-    shared.metrics.limit(outcome);
-    let reason = reason_of(outcome);
-    eprintln!("bulwark: {what}: {reason}");
-    let status = match outcome {
-        Outcome::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    let mut response = text_response(status, &reason);
+/// The response for a request a limit (or trap) ended before it answered (its instance
+/// wrote the log line).
+fn limit_response(outcome: &Outcome) -> Response<HyperOutgoingBody> {
+    let mut response = text_response(limit_status(outcome), &reason_of(outcome));
     response.headers_mut().insert(
         "bulwark-limit",
         limit_kind(outcome)
@@ -871,13 +1112,17 @@ fn reason_of(outcome: &Outcome) -> String {
         .unwrap_or_else(|| format!("the handler exited ({})", outcome.exit_code()))
 }
 
-/// The `bulwark-limit` header's value (and the limits metric's label).
+/// The `bulwark-limit` header's value (and the limits metric's label): a handler that
+/// exited instead of answering is a trap here.
 fn limit_kind(outcome: &Outcome) -> &'static str {
+    outcome.limit().unwrap_or("trap")
+}
+
+/// The status of a request a limit ended before it answered.
+fn limit_status(outcome: &Outcome) -> StatusCode {
     match outcome {
-        Outcome::DeadlineExceeded(_) => "timeout",
-        Outcome::FuelExhausted(_) => "fuel",
-        Outcome::MemoryLimit { .. } => "memory",
-        Outcome::Trapped(_) | Outcome::Exited(_) => "trap",
+        Outcome::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -1291,6 +1536,7 @@ struct Metrics {
     duration: Histogram,
     instantiation: Histogram,
     memory: Histogram,
+    fuel: Histogram,
     in_flight: Gauge,
     queued: Gauge,
     concurrency: Gauge,
@@ -1310,6 +1556,8 @@ impl Metrics {
             // 1 us to about half a second, in doublings: fine enough for a p50 of a few us.
             instantiation: Histogram::new(exponential_buckets(0.000_001, 2.0, 20)),
             memory: Histogram::new(exponential_buckets(65536.0, 4.0, 10)),
+            // A thousand units to about 270 billion, in quadruplings.
+            fuel: Histogram::new(exponential_buckets(1000.0, 4.0, 15)),
             in_flight: Gauge::default(),
             queued: Gauge::default(),
             concurrency: Gauge::default(),
@@ -1340,9 +1588,14 @@ impl Metrics {
             metrics.instantiation.clone(),
         );
         registry.register(
-            "instance_memory_bytes",
-            "Linear memory an instance held at most",
+            "request_memory_bytes",
+            "Linear memory a request's instance held at most",
             metrics.memory.clone(),
+        );
+        registry.register(
+            "request_fuel",
+            "Fuel a request consumed (only where fuel is metered)",
+            metrics.fuel.clone(),
         );
         registry.register(
             "in_flight",
@@ -1405,12 +1658,19 @@ impl Metrics {
         self.connections.get_or_create(&EventLabel { event }).inc();
     }
 
-    fn limit(&self, outcome: &Outcome) {
-        self.limits
-            .get_or_create(&KindLabel {
-                kind: limit_kind(outcome),
-            })
-            .inc();
+    /// Counts what a request's instance used, and the limit that ended it, if any.
+    fn usage(&self, usage: &Usage, outcome: Option<&Outcome>) {
+        self.memory.observe(usage.memory as f64);
+        if let Fuel::Consumed(units) = usage.fuel {
+            self.fuel.observe(units as f64);
+        }
+        if let Some(outcome) = outcome {
+            self.limits
+                .get_or_create(&KindLabel {
+                    kind: limit_kind(outcome),
+                })
+                .inc();
+        }
     }
 
     fn text(&self) -> String {

@@ -820,3 +820,112 @@ fn help_explains_every_flag() {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }
+
+/// The value of `key` in a `key=value` usage line.
+fn usage_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The usage line of a run's stderr.
+fn usage_line(run: &Run) -> &str {
+    run.stderr
+        .lines()
+        .find(|line| line.starts_with("bulwark: usage: "))
+        .unwrap_or_else(|| panic!("no usage line: {}", run.stderr))
+}
+
+#[test]
+fn the_usage_line_counts_the_fuel_the_run_needed() {
+    let fx = Fixture::new();
+    let hello_path = guest("hello");
+    let hello = path(&hello_path);
+    let run = fx.run(&["--usage", "--fuel", "100000000", hello]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let line = usage_line(&run);
+    assert!(
+        line.starts_with("bulwark: usage: exit_code=0 wall_ms="),
+        "{line}"
+    );
+    assert!(usage_value(line, "cpu_ms").is_some(), "{line}");
+    let fuel: u64 = usage_value(line, "fuel").unwrap().parse().unwrap();
+    // Measured apart from the count: that budget is enough, half of it is not. (Wasmtime
+    // checks fuel at loop heads and calls, so the least budget that finishes can be a few
+    // units under the count; the runtime's tests pin the count to the instruction.)
+    let exact = fx.run(&["--fuel", &fuel.to_string(), hello]);
+    assert_eq!(exact.code, 0, "{fuel}: {}", exact.stderr);
+    let short = fx.run(&["--fuel", &(fuel / 2).to_string(), hello]);
+    assert_eq!(short.code, 152, "{}: {}", fuel / 2, short.stderr);
+    // Without a budget nothing is metered, and the line says no figure for it.
+    let unmetered = fx.run(&["--usage", hello]);
+    assert!(usage_value(usage_line(&unmetered), "fuel").is_none());
+    // And without --usage the CLI prints no line at all.
+    assert_eq!(fx.run(&[hello]).stderr, "");
+}
+
+#[test]
+fn the_usage_line_names_the_memory_the_guest_grew_to() {
+    let fx = Fixture::new();
+    // grow.wat: 1 page, then 16 pages (1 MiB) at a time until refused, then a trap. Under
+    // 4Mi: 1, 17, 33 and 49 pages are granted, 65 (4.06 MiB) is refused.
+    let run = fx.run(&["--usage", "--memory", "4Mi", path(&guest("grow"))]);
+    assert_eq!(run.code, 137, "{}", run.stderr);
+    let line = usage_line(&run);
+    assert!(line.contains("exit_code=137 limit=memory "), "{line}");
+    assert_eq!(usage_value(line, "memory_bytes"), Some("3211264"), "{line}");
+}
+
+#[test]
+fn a_run_the_deadline_ended_still_reports_its_usage() {
+    let fx = Fixture::new();
+    let run = fx.run(&[
+        "--usage",
+        "--timeout",
+        "300ms",
+        "--fuel",
+        "100000000000",
+        path(&guest("sleep")),
+        "60000",
+    ]);
+    assert_eq!(run.code, 124, "{}", run.stderr);
+    let line = usage_line(&run);
+    assert!(line.contains("exit_code=124 limit=timeout "), "{line}");
+    let wall: f64 = usage_value(line, "wall_ms").unwrap().parse().unwrap();
+    assert!(wall >= 300.0, "{line}");
+    // The guest held its store when the process was ended: its count is not to be had.
+    assert_eq!(usage_value(line, "fuel"), Some("unknown"), "{line}");
+    assert_ne!(usage_value(line, "memory_bytes"), Some("0"), "{line}");
+}
+
+#[test]
+fn wasi_0_3_commands_run_with_their_exit_codes_and_limits() {
+    let fx = Fixture::new();
+    // Hand-written: WASI 0.3 imports only.
+    let wat_path = guest("components/p3-command");
+    let wat = path(&wat_path);
+    let run = fx.run(&[wat, "42"]);
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (42, "hello from a p3 command\n")
+    );
+    // CPython by componentize-py: WASI 0.3 and 0.2 imports together.
+    let python_path = guest("components/pycmd-p3");
+    let python = path(&python_path);
+    let run = fx.run(&["--usage", "--fuel", "10000000000", python, "3"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.stdout, "hello from a p3 command\n");
+    assert!(usage_line(&run).contains("exit_code=3 "), "{}", run.stderr);
+    assert_eq!(fx.run(&[python, "ok"]).code, 0);
+    assert_eq!(fx.run(&[python, "err"]).code, 1);
+    let starved = fx.run(&["--fuel", "100000", python]);
+    assert_eq!(starved.code, 152, "{}", starved.stderr);
+    assert!(
+        starved
+            .stderr
+            .contains("fuel exhausted after 100000 units (--fuel)"),
+        "{}",
+        starved.stderr
+    );
+    let small = fx.run(&["--memory", "8Mi", python]);
+    assert_eq!(small.code, 137, "{}", small.stderr);
+}

@@ -1,7 +1,10 @@
 //! Serving benchmark: `bulwark serve` on loopback under load from `wrk`, side by side in one
-//! run, without limits and with a deadline and a memory limit per request, and `wasmtime
-//! serve` (the peer, same Wasmtime version, no limits) where `make bench` built it into
-//! `build/wasmtime/`; for the small C component and the big Python one. Requests/s and
+//! run, without limits, with a deadline and a memory limit per request, and with fuel
+//! metered (what metering and its usage figures cost), and `wasmtime serve` (the peer, same
+//! Wasmtime version, no limits) where `make bench` built it into `build/wasmtime/`; for the
+//! small C component and the big Python one, each on wasi:http 0.2, and the Python one on
+//! WASI 0.3 (where the peer runs twice: reusing instances, as it does by default, and with
+//! an instance per request, as Bulwark serves). Requests/s and
 //! p50/p99 at 1, 50 and 200 connections, the ratio of each to the first row of the same
 //! component and connection count, and per-request instantiation time from Bulwark's own
 //! histogram. `BULWARK_BENCH_SECONDS` sets each load's length (default 10).
@@ -189,7 +192,7 @@ fn bench() -> Result<()> {
     let bulwark = bulwark_binary()?;
     let peer = bulwark_tests::build_dir().join("wasmtime/bin/wasmtime");
     let mut configs = Vec::new();
-    for (component, memory) in [("httpd", "16Mi"), ("pyhttp", "64Mi")] {
+    for (component, memory) in [("httpd", "16Mi"), ("pyhttp", "64Mi"), ("pyhttp-p3", "64Mi")] {
         configs.push(Config {
             name: "bulwark serve, no limits",
             component,
@@ -210,6 +213,15 @@ fn bench() -> Result<()> {
                 .to_vec(),
             bulwark: true,
         });
+        // Metering on: the same server counting fuel for each request (and each request's
+        // usage line and histograms then carry it), against the row without.
+        configs.push(Config {
+            name: "bulwark serve, --fuel 100000000000",
+            component,
+            program: bulwark.clone(),
+            flags: ["--fuel", "100000000000"].map(String::from).to_vec(),
+            bulwark: true,
+        });
         if peer.exists() {
             configs.push(Config {
                 name: "wasmtime serve (peer), no limits",
@@ -219,6 +231,19 @@ fn bench() -> Result<()> {
                 flags: vec!["-S".into(), "cli".into()],
                 bulwark: false,
             });
+            if component.ends_with("-p3") {
+                // By default the peer sends up to 128 requests (16 at once) to one WASI 0.3
+                // instance; Bulwark gives each request its own. Like for like:
+                configs.push(Config {
+                    name: "wasmtime serve (peer), an instance per request",
+                    component,
+                    program: peer.clone(),
+                    flags: ["-S", "cli", "--max-instance-reuse-count", "1"]
+                        .map(String::from)
+                        .to_vec(),
+                    bulwark: false,
+                });
+            }
         }
     }
     if !peer.exists() {
@@ -402,7 +427,7 @@ async fn sleep_request(address: SocketAddr) -> Result<u16> {
 fn print_conditions(seconds: u64) {
     let (cpu, kernel) = bulwark_tests::machine();
     println!(
-        "# Serving GET / -> 200: build/components/httpd.wasm (C, 94 KiB) and pyhttp.wasm (CPython, 18 MiB)"
+        "# Serving GET / -> 200: build/components/httpd.wasm (C, 94 KiB, wasi:http 0.2), pyhttp.wasm (CPython, 18 MiB, 0.2) and pyhttp-p3.wasm (CPython, 19 MiB, WASI 0.3)"
     );
     println!(
         "conditions: {cpu}, {} cores shared by server and load generator, Linux {}, release build, loopback, wrk (2 threads), {seconds} s per load after 1 s of warm-up, a fresh server per row; ratio = requests/s against the first row of the same connection count",

@@ -177,10 +177,10 @@ fn each_limit_ends_only_its_own_request() {
 
     let stderr = server.stderr();
     for line in [
-        "GET /loop: fuel exhausted after 100000000 units (--fuel)",
-        "GET /sleep/60000: deadline of 2s exceeded (--timeout)",
-        "GET /grow: memory limit of 16Mi reached (--memory)",
-        "GET /trap: trapped",
+        "GET /loop: 500 fuel exhausted after 100000000 units (--fuel)",
+        "GET /sleep/60000: 504 deadline of 2s exceeded (--timeout)",
+        "GET /grow: 500 memory limit of 16Mi reached (--memory)",
+        "GET /trap: 500 trapped",
     ] {
         assert!(
             stderr
@@ -389,6 +389,160 @@ fn a_big_python_component_serves_under_the_same_limits() {
     let held = server.get("/grow/8").unwrap();
     assert_eq!((held.status, held.body.as_str()), (200, "held 8 MiB\n"));
     assert_eq!(server.get("/missing").unwrap().status, 404);
+}
+
+#[test]
+fn a_wasi_0_3_python_component_serves_under_the_same_limits() {
+    let python = component("pyhttp-p3");
+    let server = Server::ready(
+        Server::spawn_component(
+            &python,
+            &[
+                "--timeout",
+                "2s",
+                "--memory",
+                "96Mi",
+                "--fuel",
+                "2000000000",
+            ],
+        ),
+        Duration::from_secs(300),
+    );
+    let hello = server.get("/").unwrap();
+    assert_eq!(
+        (hello.status, hello.body.as_str()),
+        (200, "hello from python p3\n")
+    );
+    // Suspended in an async host call (a clock wait) when its deadline passes: it ends
+    // there, and only it: a request beside it answers meanwhile.
+    let sleeper = {
+        let address = server.address;
+        std::thread::spawn(move || get(address, "/sleep/60000", REQUEST))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.get("/").unwrap().status, 200);
+    sleeper.join().unwrap().unwrap().assert_limit(
+        504,
+        "timeout",
+        "deadline of 2s exceeded (--timeout)",
+    );
+    server.get("/loop").unwrap().assert_limit(
+        500,
+        "fuel",
+        "fuel exhausted after 2000000000 units (--fuel)",
+    );
+    server.get("/grow/200").unwrap().assert_limit(
+        500,
+        "memory",
+        "memory limit of 96Mi reached (--memory)",
+    );
+    let held = server.get("/grow/8").unwrap();
+    assert_eq!((held.status, held.body.as_str()), (200, "held 8 MiB\n"));
+    // A body the guest streams after `handle` returned arrives whole...
+    let big = server.get("/big/8").unwrap();
+    assert_eq!((big.status, big.body.len()), (200, 8 << 20));
+    // ...and one a client does not read is cut at the deadline, freeing its instance.
+    let _stalled = send(server.address, b"GET /big/512 HTTP/1.1\r\nHost: x\r\n\r\n");
+    let cut = Instant::now() + REQUEST;
+    while !server.stderr().contains("GET /big/512: 200, then deadline") && Instant::now() < cut {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.get("/missing").unwrap().status, 404);
+
+    let stderr = server.stderr();
+    for line in [
+        "GET /sleep/60000: 504 deadline of 2s exceeded (--timeout)",
+        "GET /loop: 500 fuel exhausted after 2000000000 units (--fuel)",
+        "GET /grow/200: 500 memory limit of 96Mi reached (--memory)",
+        "GET /grow/8: 200 wall_ms=",
+        "GET /big/512: 200, then deadline of 2s exceeded (--timeout) (after the response head: connection aborted)",
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("bulwark: request ") && l.contains(line)),
+            "{line}: {stderr}"
+        );
+    }
+}
+
+/// The value of `key` in the `key=value` usage of the log line of the request for `path`.
+fn request_usage(stderr: &str, path: &str, key: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|line| line.contains(&format!(" GET {path}: ")))
+        .unwrap_or_else(|| panic!("no line for {path}: {stderr}"));
+    line.split_whitespace()
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        .parse()
+        .unwrap_or_else(|error| panic!("{key} in {line}: {error}"))
+}
+
+#[test]
+fn a_requests_usage_is_what_its_limits_measure() {
+    let metrics = free_address();
+    let server = Server::start(&["--fuel", "100000000", "--metrics", &metrics.to_string()]);
+    assert_eq!(server.get("/").unwrap().status, 200);
+    assert_eq!(server.get("/missing").unwrap().status, 404);
+    let stderr = server.stderr();
+    let fuel = request_usage(&stderr, "/", "fuel");
+    let missing = request_usage(&stderr, "/missing", "fuel");
+    // Measured apart from the count: a server whose budget is that answers, one whose
+    // budget is half of it runs out.
+    let exact = Server::start(&["--fuel", &fuel.to_string()]);
+    assert_eq!(exact.get("/").unwrap().status, 200, "{}", exact.stderr());
+    let short = Server::start(&["--fuel", &(fuel / 2).to_string()]);
+    short.get("/").unwrap().assert_limit(
+        500,
+        "fuel",
+        &format!("fuel exhausted after {} units (--fuel)", fuel / 2),
+    );
+    // The histograms hold the same figures.
+    let scraped = get(metrics, "/metrics", REQUEST).unwrap().body;
+    let fuel_sum = scraped.lines().find_map(|line| {
+        line.strip_prefix("bulwark_request_fuel_sum ")?
+            .parse::<f64>()
+            .ok()
+    });
+    assert_eq!(fuel_sum, Some((fuel + missing) as f64), "{scraped}");
+    assert_eq!(
+        metric(&scraped, "bulwark_request_fuel_count"),
+        2,
+        "{scraped}"
+    );
+    assert_eq!(
+        metric(&scraped, "bulwark_request_memory_bytes_count"),
+        2,
+        "{scraped}"
+    );
+    // No budget, no metering: no fuel figure in the line nor in the histogram.
+    let unmetered = Server::start(&[]);
+    assert_eq!(unmetered.get("/").unwrap().status, 200);
+    let line = unmetered.stderr();
+    assert!(
+        line.contains("GET /: 200 wall_ms=") && !line.contains("fuel="),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_requests_usage_names_the_memory_its_instance_grew_to() {
+    let python = component("pyhttp-p3");
+    let server = Server::ready(
+        Server::spawn_component(&python, &["--memory", "128Mi"]),
+        Duration::from_secs(300),
+    );
+    assert_eq!(server.get("/").unwrap().status, 200);
+    assert_eq!(server.get("/grow/32").unwrap().status, 200);
+    let stderr = server.stderr();
+    let base = request_usage(&stderr, "/", "memory_bytes");
+    let grown = request_usage(&stderr, "/grow/32", "memory_bytes");
+    // 32 MiB held by the guest, and the allocator's change on top.
+    assert!(
+        grown - base >= 32 << 20 && grown - base < 34 << 20,
+        "{base} then {grown}: {stderr}"
+    );
 }
 
 /// Writes `raw` on a new connection and returns the connection.

@@ -247,9 +247,13 @@ struct PolicyArgs {
 struct RunArgs {
     #[command(flatten)]
     policy: PolicyArgs,
-    /// The WebAssembly module (WASI preview 1) or component (WASI preview 2 command)
+    /// The WebAssembly module (WASI preview 1) or component (a WASI 0.2 or 0.3 command)
     #[arg(value_name = "MODULE")]
     module: PathBuf,
+    /// At the end, print what the run used to stderr (as a pod's log shows it): `bulwark:
+    /// usage: exit_code=N wall_ms=.. cpu_ms=.. [fuel=..] memory_bytes=..`
+    #[arg(long)]
+    usage: bool,
     /// Arguments for the workload (after MODULE, or after --)
     #[arg(
         value_name = "ARGS",
@@ -505,7 +509,13 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         .map_err(|error| input(format!("{shown}: {error}")))?;
     drop(prepared.artifact);
     let outcome = loaded
-        .run(&prepared.workload, &Report::default())
+        .run(
+            &prepared.workload,
+            &Report {
+                usage: args.usage,
+                ..Report::default()
+            },
+        )
         .map_err(|error| input(format!("{shown}: {error}")))?;
     // Exit codes are a byte; a guest's proc_exit(256) wraps as a shell would show it.
     Ok(ExitCode::from(outcome.exit_code() as u8))
@@ -521,7 +531,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     let shown = args.component.display();
     if !prepared.artifact.facts.serves_http {
         return Err(input(format!(
-            "{shown}: not a wasi:http component (it exports no wasi:http/incoming-handler): run it with `bulwark run`"
+            "{shown}: not a wasi:http component (it exports no wasi:http/incoming-handler@0.2 or wasi:http/handler@0.3): run it with `bulwark run`"
         )));
     }
     let service = prepared

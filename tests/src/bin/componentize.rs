@@ -8,6 +8,10 @@
 //!   this build uses, and preview 1 imports (if any) go through the proxy adapter.
 //! - `componentize --http-wit`: prints that WIT directory and the world's name, for other
 //!   tools that build wasi:http components (componentize-py, for the Python guest).
+//! - `componentize --p3-wit`: prints the WASI 0.3 WIT directory of the same crate (worlds
+//!   `wasi:http/service@0.3.0` and `wasi:cli/command@0.3.0`), for the Python p3 guests.
+//! - `componentize --wat IN.wat OUT.wasm`: a component (or module) in the text format into
+//!   its binary (the hand-written WASI 0.3 command).
 
 use anyhow::{Context, Result, bail};
 use wasi_preview1_component_adapter_provider::{
@@ -24,10 +28,27 @@ fn main() -> Result<()> {
         println!("{} {PROXY_WORLD}", http_wit()?);
         return Ok(());
     }
+    if args == ["--p3-wit"] {
+        println!(
+            "{}",
+            option_env!("BULWARK_WASI_P3_WIT")
+                .context("the build found no wasmtime-wasi-http p3 WIT files (tests/build.rs)")?
+        );
+        return Ok(());
+    }
+    if let [flag, input, output] = args.as_slice()
+        && flag == "--wat"
+    {
+        let binary = wat::parse_file(input).with_context(|| format!("cannot parse {input}"))?;
+        std::fs::write(output, binary).with_context(|| format!("cannot write {output}"))?;
+        return Ok(());
+    }
     let (http, input, output) = match args.as_slice() {
         [flag, input, output] if flag == "--http" => (true, input, output),
         [input, output] => (false, input, output),
-        _ => bail!("usage: componentize [--http] IN.wasm OUT.wasm | componentize --http-wit"),
+        _ => bail!(
+            "usage: componentize [--http] IN.wasm OUT.wasm | componentize --wat IN.wat OUT.wasm | componentize --http-wit | componentize --p3-wit"
+        ),
     };
     let mut module = std::fs::read(input).with_context(|| format!("cannot read {input}"))?;
     let adapter = if http {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bulwark_tests::harness::cgroups;
 use bulwark_tests::harness::containerd;
-use bulwark_tests::harness::cri::{ContainerSpec, PodSpec};
+use bulwark_tests::harness::cri::{ContainerSpec, PodSpec, SecurityContext};
 use bulwark_tests::harness::node::{Finished, Format, HANDLER, NODE_CONFIG, Node, annotated};
 use tokio::sync::Mutex;
 
@@ -181,6 +181,62 @@ async fn limits_fire_with_their_exit_code_and_reason() -> Result<()> {
         .run(pod("after-bomb"), ContainerSpec::new("hello", hello))
         .await?;
     assert_eq!(done.exit.exit_code, 0, "{}", done.stderr);
+    node.finish().await
+}
+
+/// The value of `key` in the `key=value` pairs of `line`.
+fn usage_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_pods_log_ends_with_what_it_used_and_wasi_0_3_commands_run() -> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node = system_node().await?;
+    // A WASI 0.3 command from a real toolchain (CPython by componentize-py), as a
+    // non-root "restricted" container, metered.
+    let python = node.push_component("pycmd-p3", Format::Layer)?;
+    let done = node
+        .run(
+            annotated("p3-command", &[("bulwark.dev/fuel", "20000000000")]),
+            ContainerSpec::new("p3", python)
+                .args(["5"])
+                .security(SecurityContext::restricted(Some(65532))),
+        )
+        .await?;
+    assert_eq!(done.exit.exit_code, 5, "{}", done.stderr);
+    assert_eq!(done.stdout, "hello from a p3 command\n");
+    let usage = done
+        .stderr
+        .lines()
+        .find(|line| line.starts_with("bulwark: usage: exit_code=5 "))
+        .with_context(|| format!("no usage line: {}", done.stderr))?;
+    for key in ["wall_ms", "cpu_ms", "fuel", "memory_bytes"] {
+        let value: f64 = usage_value(usage, key)
+            .with_context(|| format!("no {key} in {usage}"))?
+            .parse()?;
+        assert!(value > 0.0, "{key}: {usage}");
+    }
+    // A limit's run says which limit, and the line is the log's last.
+    let looping = node.push_guest("loop", Format::Layer)?;
+    let done = node
+        .run(
+            annotated("loop-usage", &[("bulwark.dev/timeout", "300ms")]),
+            ContainerSpec::new("loop", looping),
+        )
+        .await?;
+    assert_eq!(done.exit.exit_code, 124, "{}", done.stderr);
+    let last = done.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("bulwark: usage: exit_code=124 limit=timeout wall_ms="),
+        "{}",
+        done.stderr
+    );
+    // Metered (the node's fuel ceiling is its budget), but ended from outside its store:
+    // the count is not to be had; the memory is (loop.wat holds one page).
+    assert_eq!(usage_value(last, "fuel"), Some("unknown"), "{last}");
+    assert_eq!(usage_value(last, "memory_bytes"), Some("65536"), "{last}");
     node.finish().await
 }
 

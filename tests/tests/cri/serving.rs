@@ -211,9 +211,9 @@ async fn a_wasi_http_pod_answers_on_its_pod_ip_and_each_limit_ends_only_its_requ
 
     let web = pod.stderr(&node, 1).await?;
     for reason in [
-        "GET /loop: deadline of 1s exceeded (bulwark.dev/timeout)",
-        "GET /grow: memory limit of 16Mi reached (bulwark.dev/memory)",
-        "GET /partial: trapped",
+        "GET /loop: 504 deadline of 1s exceeded (bulwark.dev/timeout)",
+        "GET /grow: 500 memory limit of 16Mi reached (bulwark.dev/memory)",
+        "GET /partial: 200, then trapped",
     ] {
         assert!(
             web.iter()
@@ -626,6 +626,97 @@ async fn a_python_service_keeps_answering_while_hostile_clients_attack() -> Resu
         metrics.contains("bulwark_connections_total{event=\"response_deadline\"}"),
         "{metrics}"
     );
+    pod.remove(&node).await?;
+    node.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasi_0_3_python_service_answers_on_its_pod_ip_and_each_limit_ends_only_its_request()
+-> Result<()> {
+    let _one = ONE_CONTAINERD.lock().await;
+    let node =
+        Node::start_with(NodeOptions::new(suite_containerd().await?, FRESH_NODE).pod_network())
+            .await?;
+    // The first pod of the module on the node: compiled cold.
+    node.empty_cache()?;
+    let annotations = [
+        ("bulwark.dev/timeout", "2s"),
+        ("bulwark.dev/fuel", "2000000000"),
+        ("bulwark.dev/memory", "96Mi"),
+        ("bulwark.dev/metrics", "9090"),
+    ];
+    let pod = ServingPod::start_component(
+        &node,
+        "pyhttp-p3",
+        Format::Layer,
+        "p3",
+        &annotations,
+        &[("app", 8080)],
+        Some(PYTHON_LIMIT),
+    )
+    .await?;
+    let hello = pod.get(8080, "/").await?;
+    ensure!(
+        (hello.status, hello.body.as_str()) == (200, "hello from python p3\n"),
+        "{hello:?}"
+    );
+    // Suspended in an async host call when its deadline passes: only it ends, and a
+    // request beside it answers meanwhile.
+    let sleeper = {
+        let address = SocketAddr::new(pod.ip, 8080);
+        tokio::task::spawn_blocking(move || get(address, "/sleep/60000", REQUEST))
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(pod.get(8080, "/").await?.status == 200);
+    sleeper.await??.assert_limit(
+        504,
+        "timeout",
+        "deadline of 2s exceeded (bulwark.dev/timeout)",
+    );
+    pod.get(8080, "/loop").await?.assert_limit(
+        500,
+        "fuel",
+        "fuel exhausted after 2000000000 units (bulwark.dev/fuel)",
+    );
+    pod.get(8080, "/grow/200").await?.assert_limit(
+        500,
+        "memory",
+        "memory limit of 96Mi reached (bulwark.dev/memory)",
+    );
+    let big = pod.get(8080, "/big/8").await?;
+    ensure!(
+        (big.status, big.body.len()) == (200, 8 << 20),
+        "{}",
+        big.status
+    );
+    ensure!(pod.get(8080, "/").await?.status == 200);
+
+    // Every request's log line says what it used; the metrics hold the same.
+    let log = pod.stderr(&node, 0).await?;
+    for part in [
+        "GET /sleep/60000: 504 deadline of 2s exceeded (bulwark.dev/timeout)",
+        "GET /loop: 500 fuel exhausted after 2000000000 units (bulwark.dev/fuel)",
+        "GET /grow/200: 500 memory limit of 96Mi reached (bulwark.dev/memory)",
+        "GET /big/8: 200 wall_ms=",
+    ] {
+        ensure!(
+            log.iter().any(|line| line.starts_with("bulwark: request ")
+                && line.contains(part)
+                && line.contains(" fuel=")
+                && line.contains(" memory_bytes=")),
+            "{part}: {log:?}"
+        );
+    }
+    let metrics = pod.get(9090, "/metrics").await?.body;
+    for (series, value) in [
+        ("bulwark_limits_total{kind=\"timeout\"}", 1),
+        ("bulwark_limits_total{kind=\"fuel\"}", 1),
+        ("bulwark_limits_total{kind=\"memory\"}", 1),
+        ("bulwark_request_fuel_count", 7),
+        ("bulwark_request_memory_bytes_count", 7),
+    ] {
+        ensure!(metric(&metrics, series) == value, "{series}: {metrics}");
+    }
     pod.remove(&node).await?;
     node.finish().await
 }

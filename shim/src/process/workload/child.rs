@@ -124,6 +124,8 @@ fn run(plan_path: &Path) -> Result<i32> {
         termination_log: termination_log
             .as_ref()
             .map(|log| PathBuf::from(format!("/proc/self/fd/{}", log.as_raw_fd()))),
+        // A container's log always ends with what it used: the figures a platform bills.
+        usage: true,
     };
     match loaded {
         Loaded::Program(program) => Ok(program.run(&workload, &report)?.exit_code()),
