@@ -583,6 +583,12 @@ impl Loaded {
                     },
                 );
                 self.arm(&mut store);
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    // Its event loop would have to block inside another one.
+                    return Err(RunError::Link(
+                        "a WASI 0.3 command cannot be run from inside an async runtime".into(),
+                    ));
+                }
                 let events = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -679,12 +685,12 @@ impl Loaded {
                 }
             }
             InstanceInner::P3Component(mut store, command, events) => {
-                let ran = events.block_on(store.run_concurrent(async |accessor| {
-                    command.wasi_cli_run().call_run(accessor).await
-                }));
-                match ran.and_then(|result| result) {
-                    Ok(Ok(())) => (Outcome::Exited(0), self.fuel(&store)),
-                    Ok(Err(())) => (Outcome::Exited(1), self.fuel(&store)),
+                // call_async, not run_concurrent: a guest that waits on nothing that can
+                // ever come traps (a deadlock) rather than hanging until its deadline.
+                let run = command.wasi_cli_run().func_run();
+                match events.block_on(run.call_async(&mut store, ())) {
+                    Ok((Ok(()),)) => (Outcome::Exited(0), self.fuel(&store)),
+                    Ok((Err(()),)) => (Outcome::Exited(1), self.fuel(&store)),
                     Err(error) => self.ended(error, &store, &store.data().guard),
                 }
             }
@@ -901,7 +907,7 @@ impl Guard {
         Guard::with_cap(policy.memory.as_ref().map(|limit| limit.value))
     }
 
-    /// Bytes of linear memory (and table elements' worth) the instance holds now.
+    /// Bytes of linear memory the instance holds now.
     pub(crate) fn peak(&self) -> u64 {
         self.memory.load(Ordering::Relaxed)
     }

@@ -724,12 +724,23 @@ enum Prepared {
     },
 }
 
-/// Where a guest's answer goes, remembering the status it had for the request's log line.
+/// Where a guest's answer goes, remembering what became of it for the request's log line.
 #[derive(Clone)]
 struct Answering {
     sender: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Answer>>>>,
-    /// The status answered (0: none yet).
-    status: Arc<std::sync::atomic::AtomicU16>,
+    answered: Arc<std::sync::Mutex<Answered>>,
+}
+
+/// What became of a guest's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answered {
+    Not,
+    /// A response head went out with this status; its body streams.
+    Response(u16),
+    /// The guest answered with an error code: the client got a whole 500 saying so.
+    Error(String),
+    /// The client had gone before the answer came.
+    ClientGone,
 }
 
 impl Answering {
@@ -737,25 +748,38 @@ impl Answering {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let answering = Answering {
             sender: Arc::new(std::sync::Mutex::new(Some(sender))),
-            status: Arc::default(),
+            answered: Arc::new(std::sync::Mutex::new(Answered::Not)),
         };
         (answering, receiver)
     }
 
     fn send(&self, answer: Answer) {
-        let status = match &answer {
-            Ok(response) => response.status().as_u16(),
-            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.as_u16(),
+        let what = match &answer {
+            Ok(response) => Answered::Response(response.status().as_u16()),
+            Err(code) => Answered::Error(code.clone()),
         };
-        self.status.store(status, Ordering::Relaxed);
-        let sender = self.sender.lock().map(|mut sender| sender.take());
-        if let Ok(Some(sender)) = sender {
-            let _ = sender.send(answer);
+        let sender = self
+            .sender
+            .lock()
+            .map(|mut sender| sender.take())
+            .ok()
+            .flatten();
+        let Some(sender) = sender else {
+            return;
+        };
+        let what = match sender.send(answer) {
+            Ok(()) => what,
+            Err(_) => Answered::ClientGone,
+        };
+        if let Ok(mut answered) = self.answered.lock() {
+            *answered = what;
         }
     }
 
-    fn status(&self) -> Option<u16> {
-        Some(self.status.load(Ordering::Relaxed)).filter(|status| *status != 0)
+    fn answered(&self) -> Answered {
+        self.answered
+            .lock()
+            .map_or(Answered::Not, |answered| answered.clone())
     }
 }
 
@@ -866,11 +890,11 @@ async fn run_request(
     let prepared = match shared.pre.prepare(&mut store, request, &answering) {
         Ok(prepared) => prepared,
         Err(error) => {
+            eprintln!("bulwark: {what}: 400 bad request: {error:#}");
             return text_response(StatusCode::BAD_REQUEST, &format!("bad request: {error:#}"));
         }
     };
     let (ended, ending) = tokio::sync::oneshot::channel::<bool>();
-    let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(run_instance(
         shared.clone(),
         store,
@@ -878,71 +902,42 @@ async fn run_request(
         Finish {
             what: what.to_owned(),
             started,
+            deadline,
+            client: client.clone(),
             answering,
             ended,
-            cancelled,
             _slot: slot,
         },
     ));
-    let waited = match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline.into(), answered).await,
-        None => Ok(answered.await),
-    };
-    match waited {
-        Ok(Ok(Ok(response))) => {
-            // A limit may still end the handler while the body streams, and the deadline
-            // still holds: a guest stuck writing to a client that does not read is ended
-            // with it, freeing its slot (and the connection's writes stop then too: see
-            // [`Deadlined`]).
-            if let Some(deadline) = deadline {
-                let client = client.clone();
-                tokio::spawn(async move {
-                    let mut task = task;
-                    if tokio::time::timeout_at(deadline.into(), &mut task)
-                        .await
-                        .is_err()
-                    {
-                        client.cut_at_deadline.store(true, Ordering::Relaxed);
-                        let _ = cancel.send(());
-                    }
-                });
+    // The instance keeps the deadline itself (whether or not this future, which hyper
+    // drops when the client goes away, is still here): an answer, or the instance's end.
+    match answered.await {
+        Ok(Ok(response)) => response.map(|body| {
+            // A limit may still end the handler while the body streams, the deadline
+            // included (a guest stuck writing to a client that does not read): the
+            // connection is then aborted.
+            CompletedBody {
+                inner: body,
+                ending: Some(ending),
             }
-            response.map(|body| {
-                CompletedBody {
-                    inner: body,
-                    ending: Some(ending),
-                }
-                .boxed_unsync()
-            })
-        }
-        Ok(Ok(Err(code))) => text_response(
+            .boxed_unsync()
+        }),
+        Ok(Err(code)) => text_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("the handler answered with an error: {code}"),
         ),
-        // The handler ended without answering: how?
-        Ok(Err(_)) => match task.await {
+        // The instance ended without answering: how?
+        Err(_) => match task.await {
             Ok(Some(outcome)) => limit_response(&outcome),
             Ok(None) => text_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the handler returned without a response",
             ),
-            Err(error) => text_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
-        },
-        // The deadline passed with no answer: the instance goes (a guest suspended in a
-        // host call is dropped there; one running Wasm traps at the next epoch anyway).
-        Err(_) => {
-            let _ = cancel.send(());
-            match task.await {
-                Ok(Some(outcome)) => limit_response(&outcome),
-                _ => limit_response(&Outcome::DeadlineExceeded(
-                    shared
-                        .limits
-                        .timeout
-                        .clone()
-                        .expect("a deadline has a timeout"),
-                )),
+            Err(error) => {
+                eprintln!("bulwark: {what}: 500 the request's task failed: {error}");
+                text_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string())
             }
-        }
+        },
     }
 }
 
@@ -951,15 +946,18 @@ struct Finish {
     what: String,
     started: Instant,
     answering: Answering,
+    /// When the instance is dropped wherever it is (running Wasm traps at the next epoch
+    /// tick anyway; suspended in a host call, it is dropped there).
+    deadline: Option<Instant>,
+    /// Its connection, told when its response was cut at the deadline.
+    client: Arc<ClientConnection>,
     /// Told whether a limit (or trap) ended the handler, when it is done.
     ended: tokio::sync::oneshot::Sender<bool>,
-    /// Sent when the request's deadline passed: the instance is dropped where it is.
-    cancelled: tokio::sync::oneshot::Receiver<()>,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// Instantiates the component and runs the request's handler to its end, or until the
-/// deadline cancels it; then writes the request's log line with what it used, and counts
+/// Instantiates the component and runs the request's handler to its end, or until its
+/// deadline; then writes the request's log line with what it used, and counts
 /// it. Returns the limit (or trap) that ended it, if any.
 async fn run_instance(
     shared: Arc<Shared>,
@@ -977,20 +975,22 @@ async fn run_instance(
             .observe(instantiating.elapsed().as_secs_f64());
         handler.handle(&mut store, prepared).await
     };
-    // Only a deadline cancels: a client that went away does not (the handler may have
-    // work to finish, and its deadline bounds it anyway).
-    let cancelled = async {
-        if finish.cancelled.await.is_err() {
-            std::future::pending::<()>().await;
+    // A client that went away ends nothing (the handler may have work to finish); the
+    // deadline ends everything.
+    let deadline_passed = async {
+        match finish.deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+            None => std::future::pending().await,
         }
     };
     let result = tokio::select! {
         biased;
-        () = cancelled => None,
+        () = deadline_passed => None,
         result = work => Some(result),
     };
     drop(in_flight);
     let guard = &store.data().guard;
+    let deadline_passed = result.is_none();
     let outcome = match result {
         None => shared.limits.timeout.clone().map(Outcome::DeadlineExceeded),
         Some(Ok(())) => None,
@@ -1003,22 +1003,45 @@ async fn run_instance(
         memory: guard.peak(),
     };
     shared.metrics.usage(&usage, outcome.as_ref());
-    let what = &finish.what;
-    match (&outcome, finish.answering.status()) {
-        (None, Some(status)) => eprintln!("bulwark: {what}: {status} {usage}"),
-        (None, None) => eprintln!("bulwark: {what}: no response {usage}"),
-        (Some(outcome), None) => eprintln!(
-            "bulwark: {what}: {} {} {usage}",
-            limit_status(outcome).as_u16(),
-            reason_of(outcome)
-        ),
-        (Some(outcome), Some(status)) => eprintln!(
-            "bulwark: {what}: {status}, then {} (after the response head: connection aborted) {usage}",
-            reason_of(outcome)
-        ),
+    let answered = finish.answering.answered();
+    if deadline_passed && matches!(answered, Answered::Response(_)) {
+        finish.client.cut_at_deadline.store(true, Ordering::Relaxed);
     }
+    eprintln!(
+        "bulwark: {}: {} {usage}",
+        finish.what,
+        request_ending(&answered, outcome.as_ref())
+    );
     let _ = finish.ended.send(outcome.is_some());
     outcome
+}
+
+/// How a request ended, for its log line: the status the client got, and the limit's (or
+/// trap's) reason if one ended its handler.
+fn request_ending(answered: &Answered, outcome: Option<&Outcome>) -> String {
+    let then = |outcome: Option<&Outcome>| {
+        outcome.map_or(String::new(), |outcome| {
+            format!(", then {}", reason_of(outcome))
+        })
+    };
+    match (answered, outcome) {
+        (Answered::Not, Some(outcome)) => {
+            format!("{} {}", limit_status(outcome).as_u16(), reason_of(outcome))
+        }
+        (Answered::Not, None) => "500 the handler returned without a response".into(),
+        (Answered::Response(status), None) => status.to_string(),
+        (Answered::Response(status), Some(outcome)) => format!(
+            "{status}, then {} (after the response head: connection aborted)",
+            reason_of(outcome)
+        ),
+        (Answered::Error(code), outcome) => format!(
+            "500 the handler answered with an error: {code}{}",
+            then(outcome)
+        ),
+        (Answered::ClientGone, outcome) => {
+            format!("the client went away before the answer{}", then(outcome))
+        }
+    }
 }
 
 /// A 0.3 handler's response body that says when it ended (or was dropped), so its

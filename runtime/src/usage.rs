@@ -40,7 +40,7 @@ pub struct Usage {
     pub cpu: Option<Duration>,
     /// Fuel consumed.
     pub fuel: Fuel,
-    /// The most linear memory (and table elements' worth) the instance held, in bytes.
+    /// The most linear memory the instance held, in bytes.
     pub memory: u64,
 }
 

@@ -466,6 +466,26 @@ fn a_wasi_0_3_python_component_serves_under_the_same_limits() {
     }
 }
 
+#[test]
+fn a_client_that_hangs_up_does_not_keep_its_request_past_the_deadline() {
+    // One slot; a request suspended in a host call whose client is gone keeps it only
+    // until its deadline, not for as long as the guest would wait.
+    let server = Server::start(&["--timeout", "1s", "--concurrency", "1"]);
+    let client = send(
+        server.address,
+        b"GET /sleep/60000 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(client);
+    let line = "GET /sleep/60000: 504 deadline of 1s exceeded (--timeout)";
+    let until = Instant::now() + REQUEST;
+    while !server.stderr().contains(line) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.stderr().contains(line), "{}", server.stderr());
+    assert_eq!(server.get("/").unwrap().status, 200, "{}", server.stderr());
+}
+
 /// The value of `key` in the `key=value` usage of the log line of the request for `path`.
 fn request_usage(stderr: &str, path: &str, key: &str) -> u64 {
     let line = stderr

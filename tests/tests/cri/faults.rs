@@ -230,7 +230,11 @@ async fn an_upgraded_shim_binary_starts_new_containers_in_running_pods() -> Resu
         let exit = node.cri.wait_exited(id, Duration::from_secs(30)).await?;
         let log = node.cri.read_container_log(id).await?;
         assert_eq!(exit.exit_code, 0, "{log:?}");
-        assert_eq!(log.last().map(|line| line.text.as_str()), Some(expected));
+        let mut stdout = log
+            .iter()
+            .filter(|line| line.stream == bulwark_tests::harness::cri::LogStream::Stdout)
+            .map(|line| line.text.as_str());
+        assert_eq!(stdout.next_back(), Some(expected), "{log:?}");
         node.cri.remove_container(id).await?;
     }
     remove_pod(&node, &pod_id).await?;

@@ -341,7 +341,18 @@ async fn native_sidecars_run_where_the_node_allows_them() -> Result<()> {
         logs.push(text);
         node.cri.remove_container(id).await?;
     }
-    assert_eq!(logs[0], ["slept 300 ms"]);
+    assert_eq!(logs[0].first().map(String::as_str), Some("slept 300 ms"));
+    // A Wasm container's log ends with what it used; a native one's does not.
+    assert!(
+        logs[0][1].starts_with("bulwark: usage: exit_code=0 "),
+        "{:?}",
+        logs[0]
+    );
+    assert!(
+        !logs[1].iter().any(|line| line.contains("usage")),
+        "{:?}",
+        logs[1]
+    );
     assert_eq!(logs[1].first().map(String::as_str), Some("native sidecar"));
     // As in a runc pod on the host network: the pod's own IPC namespace, never the host's
     // (where the shim lives), and the node's UTS namespace (hostNetwork shares it).
