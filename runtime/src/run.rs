@@ -32,7 +32,7 @@ use crate::engine::{
 };
 use crate::policy::{Access, DirGrant, Limit, Policy};
 use crate::units::{Bytes, format_duration};
-use crate::usage::{Fuel, Usage, fuel_consumed, process_cpu};
+use crate::usage::{Fuel, Usage, fuel_consumed, process_cpu, write_line};
 
 /// Exit code when the fuel budget ran out (128 + SIGXCPU).
 pub const EXIT_FUEL: i32 = 152;
@@ -237,7 +237,7 @@ impl Report {
         let Some(reason) = outcome.reason() else {
             return;
         };
-        let _ = writeln!(std::io::stderr(), "bulwark: {reason}");
+        write_line(format_args!("bulwark: {reason}"));
         if let Some(path) = &self.termination_log
             && let Err(error) = std::fs::write(path, format!("{reason}\n"))
         {
@@ -255,11 +255,10 @@ impl Report {
             .limit()
             .map(|kind| format!(" limit={kind}"))
             .unwrap_or_default();
-        let _ = writeln!(
-            std::io::stderr(),
+        write_line(format_args!(
             "bulwark: usage: exit_code={}{limit} {usage}",
             outcome.exit_code()
-        );
+        ));
     }
 }
 

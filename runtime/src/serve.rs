@@ -64,7 +64,7 @@ use crate::run::{
 /// HTTP contexts, buffers).
 pub const INSTANCE_OVERHEAD: u64 = ASYNC_STACK_SIZE as u64 + (512 << 10);
 use crate::units::format_size;
-use crate::usage::{Fuel, Usage, fuel_consumed};
+use crate::usage::{Fuel, Usage, fuel_consumed, write_line};
 
 /// What a client that got 503 is told to wait before it tries again.
 const RETRY_AFTER_SECONDS: u64 = 1;
@@ -628,7 +628,7 @@ async fn handle(
                 "the request body of {length} bytes is over this node's cap of {} (serving.max_body_size)",
                 format_size(max_body)
             );
-            eprintln!("bulwark: {what}: 413: {reason}");
+            write_line(format_args!("bulwark: {what}: 413: {reason}"));
             text_response(StatusCode::PAYLOAD_TOO_LARGE, &reason)
         }
         None => match acquire(&shared, deadline).await {
@@ -670,7 +670,7 @@ fn busy_response(shared: &Shared, what: &str) -> Response<HyperOutgoingBody> {
             .as_ref()
             .map_or("none".into(), |t| t.source.to_string())
     );
-    eprintln!("bulwark: {what}: 503: {reason}");
+    write_line(format_args!("bulwark: {what}: 503: {reason}"));
     let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, &reason);
     response.headers_mut().insert(
         hyper::header::RETRY_AFTER,
@@ -882,7 +882,7 @@ async fn run_request(
     let mut store = match shared.store(deadline) {
         Ok(store) => store,
         Err(error) => {
-            eprintln!("bulwark: {what}: {error}");
+            write_line(format_args!("bulwark: {what}: {error}"));
             return text_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string());
         }
     };
@@ -890,7 +890,7 @@ async fn run_request(
     let prepared = match shared.pre.prepare(&mut store, request, &answering) {
         Ok(prepared) => prepared,
         Err(error) => {
-            eprintln!("bulwark: {what}: 400 bad request: {error:#}");
+            write_line(format_args!("bulwark: {what}: 400 bad request: {error:#}"));
             return text_response(StatusCode::BAD_REQUEST, &format!("bad request: {error:#}"));
         }
     };
@@ -934,7 +934,9 @@ async fn run_request(
                 "the handler returned without a response",
             ),
             Err(error) => {
-                eprintln!("bulwark: {what}: 500 the request's task failed: {error}");
+                write_line(format_args!(
+                    "bulwark: {what}: 500 the request's task failed: {error}"
+                ));
                 text_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string())
             }
         },
@@ -1007,11 +1009,11 @@ async fn run_instance(
     if deadline_passed && matches!(answered, Answered::Response(_)) {
         finish.client.cut_at_deadline.store(true, Ordering::Relaxed);
     }
-    eprintln!(
+    write_line(format_args!(
         "bulwark: {}: {} {usage}",
         finish.what,
         request_ending(&answered, outcome.as_ref())
-    );
+    ));
     let _ = finish.ended.send(outcome.is_some());
     outcome
 }
