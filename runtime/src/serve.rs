@@ -132,14 +132,21 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
-            .and_then(|()| wasmtime_wasi::p3::add_to_linker(&mut linker))
-            .and_then(|()| wasmtime_wasi_http::p3::add_to_linker(&mut linker))
+            .and_then(|()| {
+                // 0.3's host functions exist only on engines with concurrency support,
+                // which only components on the async ABI get (see [`Flavor::concurrency`]).
+                if flavor.concurrency {
+                    wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+                    wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+                }
+                Ok(())
+            })
             .map_err(|error| RunError::Link(format!("{error:#}")))?;
         let pre = linker
             .instantiate_pre(&component)
-            .and_then(|pre| match P3ServicePre::new(pre.clone()) {
-                Ok(service) => Ok(HandlerPre::P3(service)),
-                Err(_) => ProxyPre::new(pre).map(HandlerPre::P2),
+            .and_then(|pre| match flavor.concurrency {
+                true => P3ServicePre::new(pre).map(HandlerPre::P3),
+                false => ProxyPre::new(pre).map(HandlerPre::P2),
             })
             .map_err(|error| {
                 RunError::Link(format!(
