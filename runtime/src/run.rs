@@ -572,16 +572,7 @@ impl Loaded {
                 }
             }
             Entry::P3Component(pre) => {
-                let mut wasi = wasi;
-                let mut store = Store::new(
-                    &self.engine,
-                    ComponentHost {
-                        wasi: wasi.build(),
-                        table: ResourceTable::new(),
-                        guard,
-                    },
-                );
-                self.arm(&mut store);
+                let mut store = self.component_store(wasi, guard);
                 if tokio::runtime::Handle::try_current().is_ok() {
                     // Its event loop would have to block inside another one.
                     return Err(RunError::Link(
@@ -602,16 +593,7 @@ impl Loaded {
                 }
             }
             Entry::Component(pre) => {
-                let mut wasi = wasi;
-                let mut store = Store::new(
-                    &self.engine,
-                    ComponentHost {
-                        wasi: wasi.build(),
-                        table: ResourceTable::new(),
-                        guard,
-                    },
-                );
-                self.arm(&mut store);
+                let mut store = self.component_store(wasi, guard);
                 match pre.instantiate(&mut store) {
                     Ok(command) => Ok(Ok(Instance {
                         inner: InstanceInner::Component(store, command),
@@ -706,6 +688,20 @@ impl Loaded {
 
     fn fuel<T>(&self, store: &Store<T>) -> Fuel {
         fuel_consumed(store, self.policy.fuel.as_ref().map(|fuel| fuel.value))
+    }
+
+    /// A component's store, armed with the policy's limits.
+    fn component_store(&self, mut wasi: WasiCtxBuilder, guard: Guard) -> Store<ComponentHost> {
+        let mut store = Store::new(
+            &self.engine,
+            ComponentHost {
+                wasi: wasi.build(),
+                table: ResourceTable::new(),
+                guard,
+            },
+        );
+        self.arm(&mut store);
+        store
     }
 
     fn arm<T: GuardedHost>(&self, store: &mut Store<T>) {

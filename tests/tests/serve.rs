@@ -717,7 +717,21 @@ fn hostile_clients_get_only_what_the_node_allows() {
     );
     drop(stuck);
 
-    let text = get(metrics, "/metrics", REQUEST).unwrap().body;
+    // Connections are counted as they end, which the server sees a moment later (longer on
+    // a loaded machine): read the metrics until the stuck ones are counted.
+    let mut text = String::new();
+    let until = Instant::now() + REQUEST;
+    while Instant::now() < until {
+        text = get(metrics, "/metrics", REQUEST).unwrap().body;
+        if metric(
+            &text,
+            "bulwark_connections_total{event=\"response_deadline\"}",
+        ) >= 2
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let count = |series: &str| metric(&text, series);
     assert!(
         count("bulwark_connections_total{event=\"head_timeout\"}") >= 17,
