@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use bulwark_tests::harness::node::bulwark_binary;
-use bulwark_tests::http::{HttpResponse, get, metric, wait_listening};
+use bulwark_tests::http::{HttpResponse, get, logfmt_value, metric, wait_listening};
 use tempfile::TempDir;
 
 const REQUEST: Duration = Duration::from_secs(20);
@@ -98,6 +98,24 @@ impl Server {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Fails unless `stderr` (this server's) has a request's log line containing `part`.
+    fn assert_request_logged(&self, stderr: &str, part: &str) {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("bulwark: request ") && l.contains(part)),
+            "{part}: {stderr}"
+        );
+    }
+
+    /// Waits (up to a request's time) until the server's log contains `part`.
+    fn wait_logged(&self, part: &str) {
+        let until = Instant::now() + REQUEST;
+        while !self.stderr().contains(part) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn signal(&self, signal: libc::c_int) {
         // SAFETY: kill(2) with our own child's pid, which it stays until waited for.
         let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
@@ -182,12 +200,7 @@ fn each_limit_ends_only_its_own_request() {
         "GET /grow: 500 memory limit of 16Mi reached (--memory)",
         "GET /trap: 500 trapped",
     ] {
-        assert!(
-            stderr
-                .lines()
-                .any(|l| l.starts_with("bulwark: request ") && l.contains(line)),
-            "{line}: {stderr}"
-        );
+        server.assert_request_logged(&stderr, line);
     }
     let scraped = get(metrics, "/metrics", REQUEST).unwrap();
     assert_eq!(scraped.status, 200);
@@ -443,10 +456,7 @@ fn a_wasi_0_3_python_component_serves_under_the_same_limits() {
     assert_eq!((big.status, big.body.len()), (200, 8 << 20));
     // ...and one a client does not read is cut at the deadline, freeing its instance.
     let _stalled = send(server.address, b"GET /big/512 HTTP/1.1\r\nHost: x\r\n\r\n");
-    let cut = Instant::now() + REQUEST;
-    while !server.stderr().contains("GET /big/512: 200, then deadline") && Instant::now() < cut {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    server.wait_logged("GET /big/512: 200, then deadline");
     assert_eq!(server.get("/missing").unwrap().status, 404);
 
     let stderr = server.stderr();
@@ -457,12 +467,7 @@ fn a_wasi_0_3_python_component_serves_under_the_same_limits() {
         "GET /grow/8: 200 wall_ms=",
         "GET /big/512: 200, then deadline of 2s exceeded (--timeout) (after the response head: connection aborted)",
     ] {
-        assert!(
-            stderr
-                .lines()
-                .any(|l| l.starts_with("bulwark: request ") && l.contains(line)),
-            "{line}: {stderr}"
-        );
+        server.assert_request_logged(&stderr, line);
     }
 }
 
@@ -478,10 +483,7 @@ fn a_client_that_hangs_up_does_not_keep_its_request_past_the_deadline() {
     std::thread::sleep(Duration::from_millis(300));
     drop(client);
     let line = "GET /sleep/60000: 504 deadline of 1s exceeded (--timeout)";
-    let until = Instant::now() + REQUEST;
-    while !server.stderr().contains(line) && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.wait_logged(line);
     assert!(server.stderr().contains(line), "{}", server.stderr());
     assert_eq!(server.get("/").unwrap().status, 200, "{}", server.stderr());
 }
@@ -492,8 +494,7 @@ fn request_usage(stderr: &str, path: &str, key: &str) -> u64 {
         .lines()
         .find(|line| line.contains(&format!(" GET {path}: ")))
         .unwrap_or_else(|| panic!("no line for {path}: {stderr}"));
-    line.split_whitespace()
-        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+    logfmt_value(line, key)
         .unwrap_or_else(|| panic!("no {key} in {line}"))
         .parse()
         .unwrap_or_else(|error| panic!("{key} in {line}: {error}"))

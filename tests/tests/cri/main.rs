@@ -12,6 +12,7 @@ use bulwark_tests::harness::cgroups;
 use bulwark_tests::harness::containerd;
 use bulwark_tests::harness::cri::{ContainerSpec, PodSpec, SecurityContext};
 use bulwark_tests::harness::node::{Finished, Format, HANDLER, NODE_CONFIG, Node, annotated};
+use bulwark_tests::http::logfmt_value;
 use tokio::sync::Mutex;
 
 mod big_modules;
@@ -184,12 +185,6 @@ async fn limits_fire_with_their_exit_code_and_reason() -> Result<()> {
     node.finish().await
 }
 
-/// The value of `key` in the `key=value` pairs of `line`.
-fn usage_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_pods_log_ends_with_what_it_used_and_wasi_0_3_commands_run() -> Result<()> {
     let _one = ONE_CONTAINERD.lock().await;
@@ -213,7 +208,7 @@ async fn a_batch_pods_log_ends_with_what_it_used_and_wasi_0_3_commands_run() -> 
         .find(|line| line.starts_with("bulwark: usage: exit_code=5 "))
         .with_context(|| format!("no usage line: {}", done.stderr))?;
     for key in ["wall_ms", "cpu_ms", "fuel", "memory_bytes"] {
-        let value: f64 = usage_value(usage, key)
+        let value: f64 = logfmt_value(usage, key)
             .with_context(|| format!("no {key} in {usage}"))?
             .parse()?;
         assert!(value > 0.0, "{key}: {usage}");
@@ -235,8 +230,8 @@ async fn a_batch_pods_log_ends_with_what_it_used_and_wasi_0_3_commands_run() -> 
     );
     // Metered (the node's fuel ceiling is its budget), but ended from outside its store:
     // the count is not to be had; the memory is (loop.wat holds one page).
-    assert_eq!(usage_value(last, "fuel"), Some("unknown"), "{last}");
-    assert_eq!(usage_value(last, "memory_bytes"), Some("65536"), "{last}");
+    assert_eq!(logfmt_value(last, "fuel"), Some("unknown"), "{last}");
+    assert_eq!(logfmt_value(last, "memory_bytes"), Some("65536"), "{last}");
     node.finish().await
 }
 
